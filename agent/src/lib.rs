@@ -1,1 +1,1 @@
-//! agent
+//! walferry-agent library: the writer side (shared by the binary and tests).

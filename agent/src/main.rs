@@ -1,1 +1,260 @@
-fn main() {}
+//! walferry-agent: the writer side. Streams WAL, takes base backups, manages the repository.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use walferry_formats::keyring::MasterKey;
+use walferry_formats::Repository;
+
+const AFTER_HELP: &str = "\
+Settings come from flags, then WALFERRY_* environment variables. The master key comes from
+--key-file / WALFERRY_KEY_FILE or WALFERRY_KEY (64 hex characters); it is never printed or
+logged, and a key file readable by group or others is refused.
+
+Exit codes: 0 success, 1 failure, 2 usage error.";
+
+#[derive(Parser)]
+#[command(
+    name = "walferry-agent",
+    version,
+    about = "Keep PostgreSQL recoverable from object storage: stream WAL, take base backups",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    /// Log format: human (default) or json.
+    #[arg(
+        long,
+        global = true,
+        env = "WALFERRY_LOG_FORMAT",
+        default_value = "human"
+    )]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a new random master key (64 hex characters). Write it to a file: `keygen > FILE` or `--out FILE`.
+    Keygen {
+        /// Create FILE (mode 0600; refuses to overwrite) instead of writing to stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Create a repository (config and wrapped data key). Refuses if one already exists.
+    Init {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Store everything unencrypted (tests and demos only; recorded in walferry.json).
+        #[arg(long, conflicts_with = "key_file")]
+        no_encryption: bool,
+    },
+    /// [not built yet] Run the sidecar: stream WAL through a physical slot, scheduled backups, /metrics.
+    Run(Unbuilt),
+    /// [not built yet] Take one base backup now with BASE_BACKUP; prints its id.
+    Backup(Unbuilt),
+    /// [not built yet] archive_command-compatible: store one WAL file (segment, .partial, .history, .backup).
+    WalPush(Unbuilt),
+    /// [not built yet] List backups, WAL coverage and the restorable window.
+    List(Unbuilt),
+    /// [not built yet] Apply retention: remove backups, WAL and packs no longer needed.
+    Expire(Unbuilt),
+}
+
+/// Where the repository is.
+#[derive(Args)]
+struct RepoArgs {
+    /// Repository URL: file:///path, s3://bucket/prefix, az://container/prefix, gs://bucket/prefix.
+    #[arg(long, env = "WALFERRY_REPO", value_name = "URL")]
+    repo: String,
+    /// object_store option for the repository, e.g. aws_endpoint=http://127.0.0.1:9000 (repeatable).
+    /// Cloud stores also read AWS_*, AZURE_* and GOOGLE_* environment variables.
+    #[arg(long = "repo-option", value_name = "KEY=VALUE", value_parser = parse_option)]
+    repo_options: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+struct KeyArgs {
+    /// File holding the master key (64 hex characters, mode 0600). Or set WALFERRY_KEY.
+    #[arg(long, env = "WALFERRY_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+}
+
+/// Accepts and ignores the arguments of a command that is not built yet.
+#[derive(Args)]
+struct Unbuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
+}
+
+fn parse_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// An error in how the command was called: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WALFERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Keygen { out } => keygen(out.as_deref()),
+        Command::Init {
+            repo,
+            key,
+            no_encryption,
+        } => init(repo, key, no_encryption).await,
+        Command::Run(_) => unbuilt("run", "WAL streaming"),
+        Command::Backup(_) => unbuilt("backup", "base backups"),
+        Command::WalPush(_) => unbuilt("wal-push", "WAL streaming"),
+        Command::List(_) => unbuilt("list", "sidecar operations"),
+        Command::Expire(_) => unbuilt("expire", "sidecar operations"),
+    }
+}
+
+fn unbuilt(name: &str, part: &str) -> anyhow::Result<()> {
+    bail!("`walferry-agent {name}` is not built yet in this version (it arrives with {part}); nothing was done")
+}
+
+fn keygen(out: Option<&Path>) -> anyhow::Result<()> {
+    let key = MasterKey::generate();
+    let text = format!("{}\n", key.to_hex().as_str());
+    match out {
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| {
+                    format!("create key file {} (it must not exist yet)", path.display())
+                })?;
+            f.write_all(text.as_bytes())
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("write key file {}", path.display()))?;
+            eprintln!("wrote a new master key to {} (mode 0600). Keep a copy somewhere safe: without it no backup can be restored.", path.display());
+        }
+        None => {
+            let stdout = std::io::stdout();
+            if stdout.is_terminal() {
+                return Err(UsageError(
+                    "refusing to print a key to a terminal: redirect it (`walferry-agent keygen > FILE`) or use --out FILE".into(),
+                )
+                .into());
+            }
+            restrict_stdout_file()?;
+            let mut lock = stdout.lock();
+            lock.write_all(text.as_bytes())
+                .and_then(|()| lock.flush())
+                .context("write the key to stdout")?;
+        }
+    }
+    Ok(())
+}
+
+/// When stdout is redirected to a regular file, make it private before the key goes in.
+fn restrict_stdout_file() -> anyhow::Result<()> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::PermissionsExt;
+    let fd = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("inspect stdout")?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().context("inspect stdout")?;
+    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .context("make the key file private (chmod 600)")?;
+    }
+    Ok(())
+}
+
+async fn init(repo: RepoArgs, key: KeyArgs, no_encryption: bool) -> anyhow::Result<()> {
+    let master = load_master_key(&key)?;
+    match (&master, no_encryption) {
+        (None, false) => {
+            return Err(UsageError(
+                "init needs a master key (--key-file FILE or WALFERRY_KEY; make one with `walferry-agent keygen --out FILE`), or --no-encryption".into(),
+            )
+            .into())
+        }
+        (Some(_), true) => {
+            return Err(UsageError("--no-encryption was given together with a master key; choose one".into()).into())
+        }
+        _ => {}
+    }
+    let r = Repository::open(&repo.repo, repo.repo_options).context("open the repository URL")?;
+    let config = r
+        .init(master.as_ref())
+        .await
+        .with_context(|| format!("create a repository at {}", r.location()))?;
+    println!(
+        "created repository {} (id {}, {}, zstd level {}, block size {} KiB)",
+        r.location(),
+        config.repository_id,
+        if config.is_encrypted() {
+            "encrypted with AES-256-GCM"
+        } else {
+            "NOT encrypted"
+        },
+        config.compression.level,
+        config.block_size / 1024
+    );
+    Ok(())
+}
+
+fn load_master_key(args: &KeyArgs) -> anyhow::Result<Option<MasterKey>> {
+    let env_key = std::env::var("WALFERRY_KEY").ok();
+    MasterKey::resolve(args.key_file.as_deref(), env_key.as_deref()).context("load the master key")
+}

@@ -18,6 +18,9 @@ pub enum Error {
     #[error("invalid WAL file name {name:?}: {reason}")]
     InvalidWalFileName { name: String, reason: &'static str },
 
+    #[error("invalid time {input:?}: {reason}")]
+    InvalidTime { input: String, reason: String },
+
     #[error("truncated object: {have} bytes, at least {need} needed")]
     Truncated { have: usize, need: usize },
 

@@ -5,6 +5,7 @@
 //! - [`keyring`]: master key, wrapped data keys, block naming.
 //! - [`config`]: the repository config file, walferry.json.
 //! - [`repo`]: create-only access to object storage.
+//! - [`target`]: recovery target times as users type them.
 //!
 //! The codec modules are pure and synchronous (callers run them on a blocking pool);
 //! only [`repo`] is async, because object stores are. This crate never spawns tasks.
@@ -15,6 +16,7 @@ mod error;
 pub mod keyring;
 pub mod lsn;
 pub mod repo;
+pub mod target;
 pub mod walname;
 
 pub use error::{Error, Result};
