@@ -124,6 +124,18 @@ pub enum Error {
     #[error("object {key} already exists with different contents; refusing to overwrite it")]
     Conflict { key: String },
 
+    #[error("end of valid WAL at {lsn}: {reason}")]
+    WalEnd {
+        lsn: crate::Lsn,
+        reason: crate::walreader::WalEndReason,
+    },
+
+    #[error("cannot start reading WAL at {lsn}: {reason}")]
+    InvalidWalStart {
+        lsn: crate::Lsn,
+        reason: &'static str,
+    },
+
     #[error("{op} {key}: {source}")]
     Store {
         op: &'static str,
@@ -162,6 +174,12 @@ impl Error {
                 | Error::LengthMismatch { .. }
                 | Error::TooLarge { .. }
         )
+    }
+
+    /// A WAL scan reached the end of valid WAL (zeroed space, a recycled segment, a torn
+    /// or corrupt record). Normal at the tail of the WAL that has been written.
+    pub fn is_end_of_wal(&self) -> bool {
+        matches!(self, Error::WalEnd { .. })
     }
 
     /// The caller must supply a different (or any) key.

@@ -4,22 +4,31 @@
 //! - [`envelope`]: the framed, compressed, encrypted, checksummed unit of storage.
 //! - [`keyring`]: master key, wrapped data keys, block naming.
 //! - [`config`]: the repository config file, walferry.json.
+//! - [`layout`]: object names in a repository; [`walcatalog`]: what WAL it holds.
 //! - [`repo`]: create-only access to object storage.
 //! - [`target`]: recovery target times as users type them.
+//! - [`walreader`]: a sans-IO scanner of WAL pages and records (commit times, restore points).
+//! - [`units`]: seal-and-store and fetch-and-open, with the codec on a bounded blocking pool.
 //!
-//! The codec modules are pure and synchronous (callers run them on a blocking pool);
-//! only [`repo`] is async, because object stores are. This crate never spawns tasks.
+//! The codec modules are pure and synchronous. [`repo`] and [`units`] are async, because
+//! object stores are; [`units`] is the one place that moves codec work onto tokio's
+//! blocking pool, so neither binary runs zstd or AES on an async thread.
 
 pub mod config;
 pub mod envelope;
 mod error;
 pub mod keyring;
+pub mod layout;
 pub mod lsn;
 pub mod repo;
 pub mod target;
+pub mod units;
+pub mod walcatalog;
 pub mod walname;
+pub mod walreader;
 
 pub use error::{Error, Result};
 pub use lsn::{Lsn, SegmentNo, SegmentSize, TimelineId};
 pub use repo::{ObjectInfo, PutOutcome, Repository, RetryPolicy};
+pub use units::Units;
 pub use walname::WalFileName;

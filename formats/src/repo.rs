@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use url::Url;
 
 use crate::config::{RepoConfig, CONFIG_KEY};
-use crate::error::{Error, Result};
+use crate::error::{store_error_is_transient, Error, Result};
 use crate::keyring::{wrap_identity, DataKeyMaterial, Keyring, MasterKey};
 
 /// How often and how patiently transient store failures are retried.
@@ -288,10 +288,23 @@ impl Repository {
         let got = self
             .retry
             .run(|| async {
-                self.store
-                    .get_range(&path, range.clone())
-                    .await
-                    .map_err(|e| store_error("get range of", key, e))
+                match self.store.get_range(&path, range.clone()).await {
+                    Ok(b) => Ok(b),
+                    // A range that starts past the end comes back as a Generic error (local
+                    // and memory: InvalidGetRange; S3: HTTP 416), which would pass for
+                    // transient. It is a definite answer: the object is shorter than asked.
+                    Err(e) if store_error_is_transient(&e) => {
+                        match self.store.head(&path).await {
+                            Ok(meta) if meta.size < range.end => Err(Error::Truncated {
+                                have: usize::try_from(meta.size.saturating_sub(range.start))
+                                    .unwrap_or(usize::MAX),
+                                need: usize::try_from(want).unwrap_or(usize::MAX),
+                            }),
+                            _ => Err(store_error("get range of", key, e)),
+                        }
+                    }
+                    Err(e) => Err(store_error("get range of", key, e)),
+                }
             })
             .await?;
         if got.len() as u64 != want {
@@ -491,6 +504,23 @@ mod tests {
     #[test]
     fn redacts_credentials() {
         assert_eq!(redact("s3://user:secret@bucket/p?sig=abc"), "s3://bucket/p");
+    }
+
+    #[tokio::test]
+    async fn range_past_the_end_is_truncated_not_transient() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = format!("file://{}/repo", dir.path().display());
+        for url in ["memory:///r", file.as_str()] {
+            let repo = Repository::open(url, Vec::<(String, String)>::new()).unwrap();
+            repo.put("k", Bytes::from(vec![1u8; 100])).await.unwrap();
+            assert_eq!(repo.get_range("k", 90..100).await.unwrap().len(), 10);
+            for range in [90..110, 100..101, 200..300] {
+                let e = repo.get_range("k", range.clone()).await.unwrap_err();
+                assert!(matches!(e, Error::Truncated { .. }), "{url} {range:?}: {e:?}");
+                assert!(!e.is_transient() && e.is_corruption());
+            }
+            assert!(repo.get_range("none", 0..1).await.unwrap_err().is_not_found());
+        }
     }
 
     #[tokio::test]

@@ -1,0 +1,123 @@
+//! Storing and reading envelopes: the codec runs on tokio's blocking pool, bounded to
+//! one task per core, never on the async threads.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use crate::envelope::{Kind, Opener, Sealer};
+use crate::keyring::Keyring;
+use crate::{Error, PutOutcome, Repository};
+
+thread_local! {
+    static SEALER: RefCell<Option<Sealer>> = const { RefCell::new(None) };
+    static OPENER: RefCell<Option<Opener>> = const { RefCell::new(None) };
+}
+
+/// Seals, stores, fetches and opens envelopes in one repository.
+#[derive(Clone)]
+pub struct Units {
+    repo: Repository,
+    keyring: Arc<Keyring>,
+    level: i32,
+    cpu: Arc<Semaphore>,
+}
+
+impl Units {
+    pub fn new(repo: Repository, keyring: Arc<Keyring>, level: i32) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Units {
+            repo,
+            keyring,
+            level,
+            cpu: Arc::new(Semaphore::new(cores)),
+        }
+    }
+
+    pub fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
+    }
+
+    /// Seals `plaintext` under identity `key` off the async threads.
+    pub async fn seal(&self, key: &str, kind: Kind, plaintext: Bytes) -> Result<Bytes, Error> {
+        let _permit = self.cpu.acquire().await.map_err(|_| Error::Compress {
+            reason: "worker pool closed".into(),
+        })?;
+        let keyring = self.keyring.clone();
+        let identity = key.to_string();
+        let level = self.level;
+        blocking(move || {
+            SEALER.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let sealer = match slot.as_mut() {
+                    Some(s) if s.level() == level => s,
+                    _ => slot.insert(Sealer::new(level)?),
+                };
+                sealer
+                    .seal(kind, identity.as_bytes(), &plaintext, &keyring)
+                    .map(Bytes::from)
+            })
+        })
+        .await
+    }
+
+    /// Opens an envelope stored under `key` off the async threads.
+    pub async fn open(&self, key: &str, kind: Kind, sealed: Bytes) -> Result<Bytes, Error> {
+        let _permit = self.cpu.acquire().await.map_err(|_| Error::Decompress {
+            reason: "worker pool closed".into(),
+        })?;
+        let keyring = self.keyring.clone();
+        let identity = key.to_string();
+        blocking(move || {
+            OPENER.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let opener = match slot.as_mut() {
+                    Some(o) => o,
+                    None => slot.insert(Opener::new()?),
+                };
+                opener
+                    .open(&sealed, kind, identity.as_bytes(), &keyring)
+                    .map(Bytes::from)
+            })
+        })
+        .await
+    }
+
+    /// Seals and stores `plaintext` at `key`, create-only.
+    ///
+    /// Nonces are random, so re-storing the same plaintext (after a crash, or a second
+    /// `wal-push` of one file) meets different envelope bytes: that is success when the
+    /// stored object opens to the same plaintext, and a conflict otherwise.
+    pub async fn put(&self, key: &str, kind: Kind, plaintext: Bytes) -> Result<PutOutcome, Error> {
+        let sealed = self.seal(key, kind, plaintext.clone()).await?;
+        match self.repo.put(key, sealed).await {
+            Err(Error::Conflict { .. }) => {
+                let stored = self.repo.get(key).await?;
+                match self.open(key, kind, stored).await {
+                    Ok(existing) if existing == plaintext => Ok(PutOutcome::AlreadyPresent),
+                    _ => Err(Error::Conflict { key: key.to_string() }),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Fetches and opens `key`.
+    pub async fn get(&self, key: &str, kind: Kind) -> Result<Bytes, Error> {
+        let sealed = self.repo.get(key).await?;
+        self.open(key, kind, sealed).await
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Compress {
+        reason: format!("worker task failed: {e}"),
+    })?
+}
