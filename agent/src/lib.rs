@@ -1,1 +1,6 @@
 //! walferry-agent library: the writer side (shared by the binary and tests).
+
+pub mod archive;
+pub mod cluster;
+pub mod pg;
+pub mod walpush;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use walferry_formats::keyring::MasterKey;
-use walferry_formats::Repository;
+use walferry_formats::{Repository, Units};
 
 const AFTER_HELP: &str = "\
 Settings come from flags, then WALFERRY_* environment variables. The master key comes from
@@ -65,8 +65,18 @@ enum Command {
     Run(Unbuilt),
     /// [not built yet] Take one base backup now with BASE_BACKUP; prints its id.
     Backup(Unbuilt),
-    /// [not built yet] archive_command-compatible: store one WAL file (segment, .partial, .history, .backup).
-    WalPush(Unbuilt),
+    /// archive_command-compatible: store one WAL file (segment, .partial, .history, .backup).
+    ///
+    /// archive_command = 'walferry-agent wal-push --repo URL --key-file FILE %p'. Pushing the
+    /// same file twice succeeds; a different file under an archived name fails loudly.
+    WalPush {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// The WAL file (archive_command's %p).
+        path: PathBuf,
+    },
     /// [not built yet] List backups, WAL coverage and the restorable window.
     List(Unbuilt),
     /// [not built yet] Apply retention: remove backups, WAL and packs no longer needed.
@@ -156,7 +166,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         } => init(repo, key, no_encryption).await,
         Command::Run(_) => unbuilt("run", "WAL streaming"),
         Command::Backup(_) => unbuilt("backup", "base backups"),
-        Command::WalPush(_) => unbuilt("wal-push", "WAL streaming"),
+        Command::WalPush { repo, key, path } => {
+            let units = open_units(repo, &key).await?;
+            let outcome = walferry_agent::walpush::push(&units, &path).await?;
+            tracing::info!(file = %path.display(), ?outcome, "archived");
+            Ok(())
+        }
         Command::List(_) => unbuilt("list", "sidecar operations"),
         Command::Expire(_) => unbuilt("expire", "sidecar operations"),
     }
@@ -252,6 +267,17 @@ async fn init(repo: RepoArgs, key: KeyArgs, no_encryption: bool) -> anyhow::Resu
         config.block_size / 1024
     );
     Ok(())
+}
+
+/// Opens an existing repository with its keys.
+async fn open_units(repo: RepoArgs, key: &KeyArgs) -> anyhow::Result<Units> {
+    let master = load_master_key(key)?;
+    let r = Repository::open(&repo.repo, repo.repo_options).context("open the repository URL")?;
+    let location = r.location().to_string();
+    let (units, _) = Units::load(r, master.as_ref())
+        .await
+        .with_context(|| format!("open the repository at {location}"))?;
+    Ok(units)
 }
 
 fn load_master_key(args: &KeyArgs) -> anyhow::Result<Option<MasterKey>> {

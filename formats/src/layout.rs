@@ -43,7 +43,13 @@ pub fn parts_prefix(tli: TimelineId, segno: SegmentNo, size: SegmentSize) -> Str
     format!("{}.parts", segment_key(tli, segno, size))
 }
 
-pub fn part_key(tli: TimelineId, segno: SegmentNo, size: SegmentSize, from: u64, to: u64) -> String {
+pub fn part_key(
+    tli: TimelineId,
+    segno: SegmentNo,
+    size: SegmentSize,
+    from: u64,
+    to: u64,
+) -> String {
     format!("{}/{from:08X}-{to:08X}", parts_prefix(tli, segno, size))
 }
 
@@ -52,10 +58,20 @@ pub fn history_key(tli: TimelineId) -> String {
 }
 
 pub fn segment_index_key(tli: TimelineId, segno: SegmentNo, size: SegmentSize) -> String {
-    format!("wal/index/{:08X}/{}", tli.0, segment_file_name(tli, segno, size))
+    format!(
+        "wal/index/{:08X}/{}",
+        tli.0,
+        segment_file_name(tli, segno, size)
+    )
 }
 
-pub fn part_index_key(tli: TimelineId, segno: SegmentNo, size: SegmentSize, from: u64, to: u64) -> String {
+pub fn part_index_key(
+    tli: TimelineId,
+    segno: SegmentNo,
+    size: SegmentSize,
+    from: u64,
+    to: u64,
+) -> String {
     format!(
         "wal/index/{:08X}/{}.parts/{from:08X}-{to:08X}",
         tli.0,
@@ -66,12 +82,33 @@ pub fn part_index_key(tli: TimelineId, segno: SegmentNo, size: SegmentSize, from
 /// What a listed key under `wal/` is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum WalObject {
-    Segment { tli: TimelineId, segno: SegmentNo },
-    Part { tli: TimelineId, segno: SegmentNo, from: u64, to: u64 },
-    History { tli: TimelineId },
-    BackupHistory { tli: TimelineId, segno: SegmentNo },
-    SegmentIndex { tli: TimelineId, segno: SegmentNo },
-    PartIndex { tli: TimelineId, segno: SegmentNo, from: u64, to: u64 },
+    Segment {
+        tli: TimelineId,
+        segno: SegmentNo,
+    },
+    Part {
+        tli: TimelineId,
+        segno: SegmentNo,
+        from: u64,
+        to: u64,
+    },
+    History {
+        tli: TimelineId,
+    },
+    BackupHistory {
+        tli: TimelineId,
+        segno: SegmentNo,
+    },
+    SegmentIndex {
+        tli: TimelineId,
+        segno: SegmentNo,
+    },
+    PartIndex {
+        tli: TimelineId,
+        segno: SegmentNo,
+        from: u64,
+        to: u64,
+    },
 }
 
 /// Parses a repository key (relative to the root). None for keys that are not WAL objects.
@@ -87,7 +124,9 @@ pub fn parse_wal_key(key: &str, size: SegmentSize) -> Option<WalObject> {
         };
     }
     let (dir, file) = rest.split_once('/')?;
-    let dir_tli = u32::from_str_radix(dir, 16).ok().filter(|_| dir.len() == 8)?;
+    let dir_tli = u32::from_str_radix(dir, 16)
+        .ok()
+        .filter(|_| dir.len() == 8)?;
     let (seg, range) = match file.split_once(".parts/") {
         Some((seg, range)) => (seg, Some(range)),
         None => (file, None),
@@ -102,12 +141,24 @@ pub fn parse_wal_key(key: &str, size: SegmentSize) -> Option<WalObject> {
         (WalFileName::Segment { tli, segno }, Some(r), _) => {
             let (from, to) = parse_range(r, size)?;
             if index {
-                WalObject::PartIndex { tli, segno, from, to }
+                WalObject::PartIndex {
+                    tli,
+                    segno,
+                    from,
+                    to,
+                }
             } else {
-                WalObject::Part { tli, segno, from, to }
+                WalObject::Part {
+                    tli,
+                    segno,
+                    from,
+                    to,
+                }
             }
         }
-        (WalFileName::Backup { tli, segno, .. }, None, false) => WalObject::BackupHistory { tli, segno },
+        (WalFileName::Backup { tli, segno, .. }, None, false) => {
+            WalObject::BackupHistory { tli, segno }
+        }
         _ => return None,
     };
     Some(obj)
@@ -161,22 +212,41 @@ mod tests {
         let tli = TimelineId(2);
         let segno = SegmentNo(0x10A);
         let cases = [
-            (segment_key(tli, segno, S), WalObject::Segment { tli, segno }),
+            (
+                segment_key(tli, segno, S),
+                WalObject::Segment { tli, segno },
+            ),
             (
                 part_key(tli, segno, S, 0x2000, 0x5000),
-                WalObject::Part { tli, segno, from: 0x2000, to: 0x5000 },
+                WalObject::Part {
+                    tli,
+                    segno,
+                    from: 0x2000,
+                    to: 0x5000,
+                },
             ),
             (history_key(tli), WalObject::History { tli }),
-            (segment_index_key(tli, segno, S), WalObject::SegmentIndex { tli, segno }),
+            (
+                segment_index_key(tli, segno, S),
+                WalObject::SegmentIndex { tli, segno },
+            ),
             (
                 part_index_key(tli, segno, S, 0, 0x100),
-                WalObject::PartIndex { tli, segno, from: 0, to: 0x100 },
+                WalObject::PartIndex {
+                    tli,
+                    segno,
+                    from: 0,
+                    to: 0x100,
+                },
             ),
         ];
         for (key, want) in cases {
             assert_eq!(parse_wal_key(&key, S), Some(want), "{key}");
         }
-        assert_eq!(segment_key(tli, segno, S), "wal/00000002/00000002000000010000000A");
+        assert_eq!(
+            segment_key(tli, segno, S),
+            "wal/00000002/00000002000000010000000A"
+        );
         assert_eq!(
             part_key(tli, segno, S, 0x2000, 0x5000),
             "wal/00000002/00000002000000010000000A.parts/00002000-00005000"
@@ -189,7 +259,11 @@ mod tests {
         let partial = WalFileName::parse("00000001000000000000000A.partial", S).unwrap();
         assert!(matches!(
             parse_wal_key(&wal_file_key(&partial, S), S),
-            Some(WalObject::Part { from: 0, to: 0x100_0000, .. })
+            Some(WalObject::Part {
+                from: 0,
+                to: 0x100_0000,
+                ..
+            })
         ));
     }
 

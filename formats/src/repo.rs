@@ -293,16 +293,14 @@ impl Repository {
                     // A range that starts past the end comes back as a Generic error (local
                     // and memory: InvalidGetRange; S3: HTTP 416), which would pass for
                     // transient. It is a definite answer: the object is shorter than asked.
-                    Err(e) if store_error_is_transient(&e) => {
-                        match self.store.head(&path).await {
-                            Ok(meta) if meta.size < range.end => Err(Error::Truncated {
-                                have: usize::try_from(meta.size.saturating_sub(range.start))
-                                    .unwrap_or(usize::MAX),
-                                need: usize::try_from(want).unwrap_or(usize::MAX),
-                            }),
-                            _ => Err(store_error("get range of", key, e)),
-                        }
-                    }
+                    Err(e) if store_error_is_transient(&e) => match self.store.head(&path).await {
+                        Ok(meta) if meta.size < range.end => Err(Error::Truncated {
+                            have: usize::try_from(meta.size.saturating_sub(range.start))
+                                .unwrap_or(usize::MAX),
+                            need: usize::try_from(want).unwrap_or(usize::MAX),
+                        }),
+                        _ => Err(store_error("get range of", key, e)),
+                    },
                     Err(e) => Err(store_error("get range of", key, e)),
                 }
             })
@@ -516,10 +514,17 @@ mod tests {
             assert_eq!(repo.get_range("k", 90..100).await.unwrap().len(), 10);
             for range in [90..110, 100..101, 200..300] {
                 let e = repo.get_range("k", range.clone()).await.unwrap_err();
-                assert!(matches!(e, Error::Truncated { .. }), "{url} {range:?}: {e:?}");
+                assert!(
+                    matches!(e, Error::Truncated { .. }),
+                    "{url} {range:?}: {e:?}"
+                );
                 assert!(!e.is_transient() && e.is_corruption());
             }
-            assert!(repo.get_range("none", 0..1).await.unwrap_err().is_not_found());
+            assert!(repo
+                .get_range("none", 0..1)
+                .await
+                .unwrap_err()
+                .is_not_found());
         }
     }
 

@@ -4,11 +4,12 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
+use crate::config::RepoConfig;
+use crate::envelope::{Kind, Opener, Sealer};
+use crate::keyring::{Keyring, MasterKey};
+use crate::{Error, PutOutcome, Repository};
 use bytes::Bytes;
 use tokio::sync::Semaphore;
-use crate::envelope::{Kind, Opener, Sealer};
-use crate::keyring::Keyring;
-use crate::{Error, PutOutcome, Repository};
 
 thread_local! {
     static SEALER: RefCell<Option<Sealer>> = const { RefCell::new(None) };
@@ -33,6 +34,17 @@ impl Units {
             level,
             cpu: Arc::new(Semaphore::new(cores)),
         }
+    }
+
+    /// Opens an existing repository: reads its config, checks the master key against it
+    /// and unwraps the data keys.
+    pub async fn load(
+        repo: Repository,
+        master: Option<&MasterKey>,
+    ) -> Result<(Self, RepoConfig), Error> {
+        let (config, keyring) = repo.open_keyring(master).await?;
+        let level = config.compression.level;
+        Ok((Units::new(repo, Arc::new(keyring), level), config))
     }
 
     pub fn repo(&self) -> &Repository {
@@ -100,7 +112,9 @@ impl Units {
                 let stored = self.repo.get(key).await?;
                 match self.open(key, kind, stored).await {
                     Ok(existing) if existing == plaintext => Ok(PutOutcome::AlreadyPresent),
-                    _ => Err(Error::Conflict { key: key.to_string() }),
+                    _ => Err(Error::Conflict {
+                        key: key.to_string(),
+                    }),
                 }
             }
             other => other,
@@ -117,7 +131,9 @@ impl Units {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Compress {
-        reason: format!("worker task failed: {e}"),
-    })?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Compress {
+            reason: format!("worker task failed: {e}"),
+        })?
 }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::Result;
-use crate::layout::{parse_wal_key, WalObject};
+use crate::layout::{parse_wal_key, ClusterBinding, WalObject, CLUSTER_KEY};
 use crate::lsn::{Lsn, SegmentNo, SegmentSize, TimelineId};
 use crate::repo::Repository;
 
@@ -25,7 +25,10 @@ impl WalCatalog {
     /// Lists `wal/` once.
     pub async fn load(repo: &Repository, size: SegmentSize) -> Result<Self> {
         let objects = repo.list("wal").await?;
-        Ok(Self::from_keys(objects.iter().map(|o| o.key.as_str()), size))
+        Ok(Self::from_keys(
+            objects.iter().map(|o| o.key.as_str()),
+            size,
+        ))
     }
 
     pub fn from_keys<'a>(keys: impl IntoIterator<Item = &'a str>, size: SegmentSize) -> Self {
@@ -39,8 +42,19 @@ impl WalCatalog {
                 Some(WalObject::Segment { tli, segno }) => {
                     c.timelines.entry(tli).or_default().sealed.insert(segno);
                 }
-                Some(WalObject::Part { tli, segno, from, to }) => {
-                    let parts = c.timelines.entry(tli).or_default().parts.entry(segno).or_default();
+                Some(WalObject::Part {
+                    tli,
+                    segno,
+                    from,
+                    to,
+                }) => {
+                    let parts = c
+                        .timelines
+                        .entry(tli)
+                        .or_default()
+                        .parts
+                        .entry(segno)
+                        .or_default();
                     parts.push((from, to));
                     parts.sort_unstable();
                 }
@@ -95,6 +109,15 @@ impl TimelineWal {
     }
 }
 
+/// Reads `cluster.json`, if the repository has been bound to a cluster yet.
+pub async fn cluster_binding(repo: &Repository) -> Result<Option<ClusterBinding>> {
+    match repo.get(CLUSTER_KEY).await {
+        Ok(b) => ClusterBinding::from_json(&b).map(Some),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Lays parts (each with its start offset) into one buffer of `len` bytes, in order.
 /// Later pieces overwrite the overlap of earlier ones; both hold the same WAL.
 pub fn assemble(len: u64, pieces: &[(u64, &[u8])]) -> Vec<u8> {
@@ -129,12 +152,18 @@ mod tests {
         ];
         let c = WalCatalog::from_keys(keys.iter().map(String::as_str), S);
         let tl = c.timeline(t).unwrap();
-        assert_eq!(tl.part_cover(SegmentNo(5)), (vec![(0, 100), (50, 300)], 300));
+        assert_eq!(
+            tl.part_cover(SegmentNo(5)),
+            (vec![(0, 100), (50, 300)], 300)
+        );
         assert_eq!(tl.end(S), Some(Lsn(5 * S.bytes() + 300)));
         assert!(c.histories.contains(&TimelineId(2)));
 
         let only_parts = WalCatalog::from_keys([part_key(t, SegmentNo(9), S, 0, 10).as_str()], S);
-        assert_eq!(only_parts.timeline(t).unwrap().end(S), Some(Lsn(9 * S.bytes() + 10)));
+        assert_eq!(
+            only_parts.timeline(t).unwrap().end(S),
+            Some(Lsn(9 * S.bytes() + 10))
+        );
         let gap = WalCatalog::from_keys([part_key(t, SegmentNo(9), S, 10, 20).as_str()], S);
         assert_eq!(gap.timeline(t).unwrap().end(S), Some(Lsn(9 * S.bytes())));
     }
@@ -143,7 +172,10 @@ mod tests {
     fn assemble_pads_and_overlaps() {
         let a = [1u8; 4];
         let b = [2u8; 4];
-        assert_eq!(assemble(10, &[(0, &a), (2, &b)]), vec![1, 1, 2, 2, 2, 2, 0, 0, 0, 0]);
+        assert_eq!(
+            assemble(10, &[(0, &a), (2, &b)]),
+            vec![1, 1, 2, 2, 2, 2, 0, 0, 0, 0]
+        );
         assert_eq!(assemble(3, &[(0, &a)]), vec![1, 1, 1]);
     }
 }

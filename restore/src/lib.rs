@@ -1,1 +1,3 @@
-//! restore
+//! walferry-restore library: the reader side (shared by the binary and tests).
+
+pub mod walfetch;

@@ -4,8 +4,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use walferry_formats::keyring::MasterKey;
+use walferry_formats::{Repository, Units};
+use walferry_restore::walfetch;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -37,7 +40,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// [not built yet] restore_command-compatible: fetch one WAL file into DEST (exit 0 found, 1 not found).
+    /// restore_command-compatible: fetch one WAL file into DEST.
+    ///
+    /// restore_command = 'walferry-restore wal-fetch --repo URL --key-file FILE %f %p'.
+    /// Exit 0 found, 1 not found (normal at the end of WAL), 2 usage, 3 any real error
+    /// (unreadable repository, damaged object, wrong key).
     WalFetch {
         #[command(flatten)]
         repo: RepoArgs,
@@ -110,15 +117,58 @@ struct RepoArgs {
     key_file: Option<PathBuf>,
 }
 
+impl RepoArgs {
+    async fn open(&self) -> anyhow::Result<Units> {
+        let env_key = std::env::var("WALFERRY_KEY").ok();
+        let master = MasterKey::resolve(self.key_file.as_deref(), env_key.as_deref())
+            .context("load the master key")?;
+        let options = self
+            .repo_options
+            .iter()
+            .map(|o| match o.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => Err(UsageError(format!(
+                    "--repo-option: expected KEY=VALUE, got {o:?}"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = Repository::open(&self.repo, options).context("open the repository URL")?;
+        let location = r.location().to_string();
+        let (units, _) = Units::load(r, master.as_ref())
+            .await
+            .with_context(|| format!("open the repository at {location}"))?;
+        Ok(units)
+    }
+}
+
 /// An error in how the command was called: exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct UsageError(String);
 
+/// What a command found: for wal-fetch, "not found" is exit 1 but not an error.
+enum Outcome {
+    Done,
+    NotFound,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let wal_fetch = matches!(cli.command, Some(Command::WalFetch { .. }));
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::NotFound) => ExitCode::FAILURE,
+        Err(e) if wal_fetch && e.downcast_ref::<UsageError>().is_none() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<UsageError>().is_some() {
@@ -130,9 +180,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
-        Some(Command::WalFetch { .. }) => unbuilt("wal-fetch", "WAL streaming"),
+        Some(Command::WalFetch { repo, name, dest }) => {
+            let units = repo.open().await?;
+            match walfetch::fetch(&units, &name, &dest).await? {
+                walfetch::Fetched::Found(_) => Ok(Outcome::Done),
+                walfetch::Fetched::NotFound => {
+                    eprintln!("{name}: not in the repository");
+                    Ok(Outcome::NotFound)
+                }
+            }
+        }
         Some(Command::Verify { .. }) => unbuilt("verify", "sidecar operations"),
         None => {
             let args = cli.restore;
@@ -152,6 +211,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn unbuilt(name: &str, part: &str) -> anyhow::Result<()> {
+fn unbuilt(name: &str, part: &str) -> anyhow::Result<Outcome> {
     bail!("`walferry-restore {name}` is not built yet in this version (it arrives with {part}); nothing was written")
 }
