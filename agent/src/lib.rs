@@ -3,4 +3,5 @@
 pub mod archive;
 pub mod cluster;
 pub mod pg;
+pub mod stream;
 pub mod walpush;

@@ -6,6 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use walferry_agent::archive::ArchiverConfig;
+use walferry_agent::pg::ConnInfo;
+use walferry_agent::stream::StreamConfig;
 use walferry_formats::keyring::MasterKey;
 use walferry_formats::{Repository, Units};
 
@@ -61,8 +65,29 @@ enum Command {
         #[arg(long, conflicts_with = "key_file")]
         no_encryption: bool,
     },
-    /// [not built yet] Run the sidecar: stream WAL through a physical slot, scheduled backups, /metrics.
-    Run(Unbuilt),
+    /// Run the sidecar: stream WAL through a physical replication slot into the repository.
+    ///
+    /// Reports to Postgres as flushed only what is durable in the repository, so the slot
+    /// keeps every byte that is not. SIGTERM/SIGINT store what is buffered, report the
+    /// final position and exit 0. (Scheduled backups, retention and /metrics are not built yet.)
+    Run {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// libpq connection string or postgres:// URL (host lists, PGPASSWORD, .pgpass and sslmode work as in libpq).
+        #[arg(long, env = "WALFERRY_PG", value_name = "CONNINFO")]
+        pg: String,
+        /// Physical replication slot to use (created if missing).
+        #[arg(long, env = "WALFERRY_SLOT", default_value = "walferry")]
+        slot: String,
+        /// Longest time a received WAL byte may wait before it is uploaded, e.g. 1s, 500ms.
+        #[arg(long, env = "WALFERRY_RPO", default_value = "1s", value_parser = humantime::parse_duration)]
+        rpo: std::time::Duration,
+        /// How often to send standby status updates when nothing else moves.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        status_interval: std::time::Duration,
+    },
     /// [not built yet] Take one base backup now with BASE_BACKUP; prints its id.
     Backup(Unbuilt),
     /// archive_command-compatible: store one WAL file (segment, .partial, .history, .backup).
@@ -164,7 +189,42 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             key,
             no_encryption,
         } => init(repo, key, no_encryption).await,
-        Command::Run(_) => unbuilt("run", "WAL streaming"),
+        Command::Run {
+            repo,
+            key,
+            pg,
+            slot,
+            rpo,
+            status_interval,
+        } => {
+            if rpo.is_zero() || status_interval.is_zero() {
+                return Err(
+                    UsageError("--rpo and --status-interval must be above zero".into()).into(),
+                );
+            }
+            let conninfo = ConnInfo::parse(&pg).map_err(|e| UsageError(format!("--pg: {e}")))?;
+            walferry_agent::pg::validate_slot_name(&slot)
+                .map_err(|e| UsageError(format!("--slot: {e}")))?;
+            let units = open_units(repo, &key).await?;
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone())?;
+            let cfg = StreamConfig {
+                conninfo,
+                slot,
+                archiver: ArchiverConfig {
+                    rpo,
+                    ..ArchiverConfig::default()
+                },
+                status_interval,
+                max_backoff: std::time::Duration::from_secs(30),
+            };
+            let durable = walferry_agent::stream::run(units, cfg, shutdown).await?;
+            match durable {
+                Some(lsn) => tracing::info!(durable = %lsn, "exiting"),
+                None => tracing::info!("exiting before streaming started"),
+            }
+            Ok(())
+        }
         Command::Backup(_) => unbuilt("backup", "base backups"),
         Command::WalPush { repo, key, path } => {
             let units = open_units(repo, &key).await?;
@@ -175,6 +235,21 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::List(_) => unbuilt("list", "sidecar operations"),
         Command::Expire(_) => unbuilt("expire", "sidecar operations"),
     }
+}
+
+/// SIGTERM and SIGINT start a clean drain; a second signal is left to the default handling.
+fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: storing buffered WAL, then exiting"),
+            _ = int.recv() => tracing::info!("SIGINT: storing buffered WAL, then exiting"),
+        }
+        token.cancel();
+    });
+    Ok(())
 }
 
 fn unbuilt(name: &str, part: &str) -> anyhow::Result<()> {

@@ -2,10 +2,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::error::Result;
-use crate::layout::{parse_wal_key, ClusterBinding, WalObject, CLUSTER_KEY};
+use bytes::Bytes;
+
+use crate::envelope::Kind;
+use crate::error::{Error, Result};
+use crate::layout::{
+    parse_wal_key, part_key, parts_prefix, ClusterBinding, WalObject, CLUSTER_KEY,
+};
 use crate::lsn::{Lsn, SegmentNo, SegmentSize, TimelineId};
 use crate::repo::Repository;
+use crate::units::Units;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TimelineWal {
@@ -116,6 +122,48 @@ pub async fn cluster_binding(repo: &Repository) -> Result<Option<ClusterBinding>
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Fetches the parts that cover a segment contiguously from offset 0 and lays them into
+/// one zero-padded segment. Returns it with the number of bytes covered; None if the
+/// segment has no parts.
+pub async fn fetch_parts(
+    units: &Units,
+    tli: TimelineId,
+    segno: SegmentNo,
+    size: SegmentSize,
+) -> Result<Option<(Bytes, u64)>> {
+    let listed = units.repo().list(&parts_prefix(tli, segno, size)).await?;
+    let mut wal = TimelineWal::default();
+    let mut parts: Vec<(u64, u64)> = listed
+        .iter()
+        .filter_map(|o| match parse_wal_key(&o.key, size) {
+            Some(WalObject::Part { from, to, .. }) => Some((from, to)),
+            _ => None,
+        })
+        .collect();
+    parts.sort_unstable();
+    wal.parts.insert(segno, parts);
+    let (cover, covered) = wal.part_cover(segno);
+    if cover.is_empty() {
+        return Ok(None);
+    }
+    let fetches = cover.iter().map(|&(from, to)| {
+        let key = part_key(tli, segno, size, from, to);
+        async move {
+            let b = units.get(&key, Kind::WalPart).await?;
+            if b.len() as u64 != to - from {
+                return Err(Error::LengthMismatch {
+                    declared: to - from,
+                    actual: b.len() as u64,
+                });
+            }
+            Ok((from, b))
+        }
+    });
+    let pieces = futures::future::try_join_all(fetches).await?;
+    let refs: Vec<(u64, &[u8])> = pieces.iter().map(|(f, b)| (*f, b.as_ref())).collect();
+    Ok(Some((Bytes::from(assemble(size.bytes(), &refs)), covered)))
 }
 
 /// Lays parts (each with its start offset) into one buffer of `len` bytes, in order.
