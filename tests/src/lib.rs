@@ -2,6 +2,7 @@
 //! ([`emulators::StoreTarget`]: file, memory, Azurite, moto S3) for the end-to-end tests in
 //! `tests/tests/` (one test binary, `e2e`; see `tests/tests/main.rs`).
 
+pub mod bins;
 pub mod emulators;
 pub mod faults;
 pub mod pg;

@@ -10,7 +10,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod testkit;
 mod conformance;
 mod replication;
+mod streaming;
+mod testkit;
 mod walreader;

@@ -79,7 +79,10 @@ async fn trust_over_unix_socket_identify_and_show() {
 
     let id = conn.identify_system().await.unwrap();
     let sysid: u64 = pg
-        .psql("postgres", "select system_identifier from pg_control_system()")
+        .psql(
+            "postgres",
+            "select system_identifier from pg_control_system()",
+        )
         .unwrap()
         .parse()
         .unwrap();
@@ -100,7 +103,9 @@ async fn trust_over_unix_socket_identify_and_show() {
     let row = pg
         .psql(
             "postgres",
-            &format!("select backend_type, application_name from pg_stat_activity where pid = {pid}"),
+            &format!(
+                "select backend_type, application_name from pg_stat_activity where pid = {pid}"
+            ),
         )
         .unwrap();
     assert_eq!(row, "walsender|walferry");
@@ -119,7 +124,10 @@ async fn scram_and_md5_over_tcp_and_plaintext_fallback() {
     let mut conn = connect(&pg.scram_conninfo()).await;
     assert!(!conn.is_tls());
     assert_eq!(conn.auth_method(), "SCRAM-SHA-256");
-    assert_eq!(conn.identify_system().await.unwrap().timeline, TimelineId(1));
+    assert_eq!(
+        conn.identify_system().await.unwrap().timeline,
+        TimelineId(1)
+    );
     let pid = conn.backend_pid().unwrap();
     let who = pg
         .psql(
@@ -137,12 +145,10 @@ async fn scram_and_md5_over_tcp_and_plaintext_fallback() {
     conn.close().await;
 
     // sslmode=require against a server without TLS: refused, permanent, says what to do.
-    let e = ReplicationConnection::connect(&info(&format!(
-        "{} sslmode=require",
-        pg.scram_conninfo()
-    )))
-    .await
-    .unwrap_err();
+    let e =
+        ReplicationConnection::connect(&info(&format!("{} sslmode=require", pg.scram_conninfo())))
+            .await
+            .unwrap_err();
     assert!(matches!(e, PgError::TlsRefused { .. }), "{e:?}");
     assert!(e.is_permanent());
     assert!(e.to_string().contains("ssl = on"), "{e}");
@@ -173,7 +179,10 @@ async fn wrong_or_missing_password_and_password_file() {
         let shown = e.to_string();
         assert!(shown.contains("password authentication failed"), "{shown}");
         assert!(shown.contains("advice:"), "{shown}");
-        assert!(!shown.contains("wrong-password"), "password leaked: {shown}");
+        assert!(
+            !shown.contains("wrong-password"),
+            "password leaked: {shown}"
+        );
     }
 
     // No password anywhere (an empty password file): a clear client-side error.
@@ -185,7 +194,9 @@ async fn wrong_or_missing_password_and_password_file() {
         pg::SCRAM_USER,
         passfile.display()
     );
-    let e = ReplicationConnection::connect(&info(&base)).await.unwrap_err();
+    let e = ReplicationConnection::connect(&info(&base))
+        .await
+        .unwrap_err();
     assert!(matches!(e, PgError::Auth { .. }), "{e:?}");
     assert!(e.to_string().contains("no password was supplied"), "{e}");
 
@@ -206,7 +217,9 @@ async fn wrong_or_missing_password_and_password_file() {
 
     // A password file readable by others is ignored, as libpq does.
     set_mode(&passfile, 0o644);
-    let e = ReplicationConnection::connect(&info(&base)).await.unwrap_err();
+    let e = ReplicationConnection::connect(&info(&base))
+        .await
+        .unwrap_err();
     assert!(matches!(e, PgError::Auth { .. }), "{e:?}");
 }
 
@@ -232,10 +245,7 @@ async fn missing_hba_line_and_missing_replication_role_give_advice() {
     );
     let e = ReplicationConnection::connect(&info(&s)).await.unwrap_err();
     assert!(e.is_auth() && e.is_permanent(), "{e:?}");
-    assert!(
-        e.advice().unwrap_or_default().contains("ALTER ROLE"),
-        "{e}"
-    );
+    assert!(e.advice().unwrap_or_default().contains("ALTER ROLE"), "{e}");
 
     // pg_hba.conf without any `replication` line for TCP.
     let hba = pg.data_dir().join("pg_hba.conf");
@@ -256,7 +266,10 @@ async fn missing_hba_line_and_missing_replication_role_give_advice() {
         shown.contains("no pg_hba.conf entry for replication connection"),
         "{shown}"
     );
-    assert!(shown.contains("host replication"), "advice missing: {shown}");
+    assert!(
+        shown.contains("host replication"),
+        "advice missing: {shown}"
+    );
 }
 
 /// A CA and a server certificate signed by it for `names`; returns (ca.pem, cert.pem, key.pem).
@@ -305,7 +318,10 @@ async fn tls_require_verify_ca_and_verify_full() {
     assert!(conn.is_tls());
     let pid = conn.backend_pid().unwrap();
     let ssl = pg
-        .psql("postgres", &format!("select ssl from pg_stat_ssl where pid = {pid}"))
+        .psql(
+            "postgres",
+            &format!("select ssl from pg_stat_ssl where pid = {pid}"),
+        )
         .unwrap();
     assert_eq!(ssl, "t");
     conn.identify_system().await.unwrap();
@@ -338,7 +354,11 @@ async fn tls_require_verify_ca_and_verify_full() {
         conn.identify_system().await.unwrap();
         conn.close().await;
     }
-    let conn = connect(&format!("{trust} sslmode=verify-ca sslrootcert={}", ca.display())).await;
+    let conn = connect(&format!(
+        "{trust} sslmode=verify-ca sslrootcert={}",
+        ca.display()
+    ))
+    .await;
     assert!(conn.is_tls());
     conn.close().await;
 
@@ -431,11 +451,18 @@ async fn slot_stream_segment_matches_pg_wal_and_status_moves_slot() {
         conn.create_physical_slot("wf_slot").await.unwrap(),
         CreateSlotOutcome::AlreadyExists
     );
-    let slot = conn.read_replication_slot("wf_slot").await.unwrap().unwrap();
+    let slot = conn
+        .read_replication_slot("wf_slot")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(slot.slot_type, "physical");
     assert_eq!(slot.restart_tli, Some(TimelineId(1)));
     let restart = slot.restart_lsn.expect("RESERVE_WAL reserves WAL at once");
-    assert_eq!(conn.read_replication_slot("no_such_slot").await.unwrap(), None);
+    assert_eq!(
+        conn.read_replication_slot("no_such_slot").await.unwrap(),
+        None
+    );
 
     // A missing slot is a clear error and leaves the connection usable.
     let e = conn
@@ -481,20 +508,28 @@ async fn slot_stream_segment_matches_pg_wal_and_status_moves_slot() {
         .unwrap();
     let p = pg.clone();
     let want = seg_end.to_string();
-    wait_for("restart_lsn to follow flush", Duration::from_secs(30), move || {
-        let got = p
-            .psql(
-                "postgres",
-                "select restart_lsn from pg_replication_slots where slot_name = 'wf_slot'",
-            )
-            .unwrap();
-        (got == want).then_some(())
-    })
+    wait_for(
+        "restart_lsn to follow flush",
+        Duration::from_secs(30),
+        move || {
+            let got = p
+                .psql(
+                    "postgres",
+                    "select restart_lsn from pg_replication_slots where slot_name = 'wf_slot'",
+                )
+                .unwrap();
+            (got == want).then_some(())
+        },
+    )
     .await;
 
     // Stop from our side; the connection takes commands again; drop the slot.
     assert_eq!(stream.stop().await.unwrap(), None);
-    let slot = conn.read_replication_slot("wf_slot").await.unwrap().unwrap();
+    let slot = conn
+        .read_replication_slot("wf_slot")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(slot.restart_lsn, Some(seg_end));
     conn.drop_slot("wf_slot").await.unwrap();
     assert_eq!(conn.read_replication_slot("wf_slot").await.unwrap(), None);
@@ -583,7 +618,10 @@ async fn server_restart_and_crash_end_the_stream_with_transient_errors() {
         bounce.await.unwrap();
         assert!(err.is_transient(), "crash={crash}: {err:?}");
         if !crash {
-            assert!(saw_shutdown, "a clean shutdown is reported as ServerShutdown");
+            assert!(
+                saw_shutdown,
+                "a clean shutdown is reported as ServerShutdown"
+            );
         }
         let p = pg.clone();
         blocking(move || p.start_server().unwrap()).await;
@@ -609,8 +647,13 @@ async fn timeline_switch_by_promotion() {
     give_to_postgres(&signal);
     pg.start_server().unwrap();
 
-    let rw = format!("{} target_session_attrs=read-write", pg.superuser_conninfo());
-    let e = ReplicationConnection::connect(&info(&rw)).await.unwrap_err();
+    let rw = format!(
+        "{} target_session_attrs=read-write",
+        pg.superuser_conninfo()
+    );
+    let e = ReplicationConnection::connect(&info(&rw))
+        .await
+        .unwrap_err();
     assert!(matches!(e, PgError::ReadOnly { .. }), "{e:?}");
     assert!(e.is_transient());
 
@@ -637,7 +680,11 @@ async fn timeline_switch_by_promotion() {
             .args(["-w", "promote"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     });
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -662,7 +709,10 @@ async fn timeline_switch_by_promotion() {
     };
     promote.await.unwrap();
     assert_eq!(next_tli, TimelineId(2));
-    assert_eq!(expected, next_start, "WAL was streamed up to the switch point");
+    assert_eq!(
+        expected, next_start,
+        "WAL was streamed up to the switch point"
+    );
     assert!(stream.next().await.is_err(), "the stream is over");
     drop(stream);
 
@@ -709,7 +759,10 @@ async fn timeline_switch_by_promotion() {
     let got = collect_wal(&mut stream, new_start, next_start).await;
     assert!(got.len() as u64 >= next_start.0 - new_start.0);
     stream.stop().await.unwrap();
-    assert_eq!(conn.identify_system().await.unwrap().timeline, TimelineId(2));
+    assert_eq!(
+        conn.identify_system().await.unwrap().timeline,
+        TimelineId(2)
+    );
     conn.close().await;
 
     // Promoted: read-write connections are accepted now.
@@ -755,12 +808,20 @@ async fn too_many_walsenders_is_transient_with_advice() {
         .await
         .unwrap_err();
     assert!(e.is_transient(), "{e:?}");
-    assert!(e.advice().unwrap_or_default().contains("max_wal_senders"), "{e}");
+    assert!(
+        e.advice().unwrap_or_default().contains("max_wal_senders"),
+        "{e}"
+    );
     first.close().await;
 }
 
 #[test]
 fn sslmode_parse_is_strict() {
-    assert!(ConnInfo::parse("host=h sslmode=verify-full").unwrap().sslmode == SslMode::VerifyFull);
+    assert!(
+        ConnInfo::parse("host=h sslmode=verify-full")
+            .unwrap()
+            .sslmode
+            == SslMode::VerifyFull
+    );
     assert!(ConnInfo::parse("host=h sslmode=nope").is_err());
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use fallible_iterator::FallibleIterator;
@@ -68,9 +69,27 @@ impl ReplicationConnection {
     /// move on to the next host. With one attempt its error is returned as is, otherwise
     /// [`PgError::AllHostsFailed`].
     pub async fn connect(info: &ConnInfo) -> Result<ReplicationConnection> {
+        // Reading root certificates (maybe the whole system store) blocks: once, off the
+        // async workers.
+        let (mode, root) = (info.sslmode, info.sslrootcert.clone());
+        let tls_config =
+            tokio::task::spawn_blocking(move || tls::client_config(mode, root.as_ref()))
+                .await
+                .map_err(|e| PgError::config(format!("TLS setup task failed: {e}")))??;
         let mut attempts: Vec<HostAttempt> = Vec::new();
         for host in &info.hosts {
-            let targets = match resolve(host).await {
+            let resolved = match info.connect_timeout {
+                Some(after) => tokio::time::timeout(after, resolve(host))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(PgError::Timeout {
+                            addr: host.to_string(),
+                            after,
+                        })
+                    }),
+                None => resolve(host).await,
+            };
+            let targets = match resolved {
                 Ok(t) => t,
                 Err(error) => {
                     attempts.push(HostAttempt {
@@ -82,7 +101,7 @@ impl ReplicationConnection {
             };
             for target in targets {
                 let addr = target.to_string();
-                let attempt = connect_target(info, host, &target);
+                let attempt = connect_target(info, tls_config.as_ref(), host, &target);
                 let result = match info.connect_timeout {
                     Some(after) => match tokio::time::timeout(after, attempt).await {
                         Ok(r) => r,
@@ -309,9 +328,9 @@ async fn resolve(host: &Host) -> Result<Vec<Target>> {
         Host::Tcp { name, port } => {
             let addrs = tokio::net::lookup_host((name.as_str(), *port))
                 .await
-                .map_err(|source| PgError::Connect {
+                .map_err(|error| PgError::Connect {
                     addr: host.to_string(),
-                    source,
+                    error,
                 })?;
             Ok(addrs
                 .map(|addr| Target::Tcp {
@@ -325,36 +344,67 @@ async fn resolve(host: &Host) -> Result<Vec<Target>> {
 
 async fn connect_target(
     info: &ConnInfo,
+    tls_config: Option<&Arc<rustls::ClientConfig>>,
     host: &Host,
     target: &Target,
 ) -> Result<ReplicationConnection> {
-    let password = resolve_password(info, host);
-    match connect_once(info, host, target, info.sslmode, password.as_ref()).await {
+    let password = resolve_password(info, host).await;
+    match connect_once(
+        info,
+        tls_config,
+        host,
+        target,
+        info.sslmode,
+        password.as_ref(),
+    )
+    .await
+    {
         // libpq's prefer: a failed TLS handshake, or a server that rejects us over TLS
         // (e.g. a hostnossl pg_hba line), is retried in plaintext.
         Err(e)
             if info.sslmode == SslMode::Prefer
                 && matches!(target, Target::Tcp { .. })
                 && (matches!(e, PgError::Tls { .. })
-                    || e.sqlstate().is_some_and(|c| c == "28000")) =>
+                    || e.server_error().is_some_and(|s| {
+                        s.code == "28000" && s.message.contains("SSL encryption")
+                    })) =>
         {
             tracing::debug!(addr = %target, "TLS attempt failed ({e}); retrying without TLS");
-            connect_once(info, host, target, SslMode::Disable, password.as_ref()).await
+            connect_once(
+                info,
+                None,
+                host,
+                target,
+                SslMode::Disable,
+                password.as_ref(),
+            )
+            .await
         }
         other => other,
     }
 }
 
-fn resolve_password(info: &ConnInfo, host: &Host) -> Option<Password> {
+/// The password from the string/PGPASSWORD, else from the password file (read off the
+/// async workers).
+async fn resolve_password(info: &ConnInfo, host: &Host) -> Option<Password> {
     if let Some(p) = &info.password {
         return Some(p.clone());
     }
-    let path = info.passfile.as_ref()?;
-    let db = info.dbname.as_deref().unwrap_or("replication");
-    match pgpass::lookup(path, host, db, &info.user) {
-        Ok(p) => p,
+    let path = info.passfile.clone()?;
+    let db = info
+        .dbname
+        .clone()
+        .unwrap_or_else(|| "replication".to_owned());
+    let (host, user) = (host.clone(), info.user.clone());
+    let shown = path.display().to_string();
+    match tokio::task::spawn_blocking(move || pgpass::lookup(&path, &host, &db, &user)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            tracing::warn!(path = %shown, "could not read password file: {e}");
+            None
+        }
         Err(e) => {
-            tracing::warn!(path = %path.display(), "could not read password file: {e}");
+            tracing::warn!(path = %shown, "password file lookup failed: {e}");
             None
         }
     }
@@ -362,6 +412,7 @@ fn resolve_password(info: &ConnInfo, host: &Host) -> Option<Password> {
 
 async fn connect_once(
     info: &ConnInfo,
+    tls_config: Option<&Arc<rustls::ClientConfig>>,
     host: &Host,
     target: &Target,
     sslmode: SslMode,
@@ -372,9 +423,9 @@ async fn connect_once(
         Target::Unix(path) => {
             let s = UnixStream::connect(path)
                 .await
-                .map_err(|source| PgError::Connect {
+                .map_err(|error| PgError::Connect {
                     addr: addr.clone(),
-                    source,
+                    error,
                 })?;
             // No TLS over unix sockets (libpq does the same).
             Socket::Unix(s)
@@ -382,14 +433,16 @@ async fn connect_once(
         Target::Tcp { addr: sa, .. } => {
             let s = TcpStream::connect(sa)
                 .await
-                .map_err(|source| PgError::Connect {
+                .map_err(|error| PgError::Connect {
                     addr: addr.clone(),
-                    source,
+                    error,
                 })?;
             let _ = s.set_nodelay(true);
-            match tls::client_config(sslmode, info.sslrootcert.as_ref())? {
-                None => Socket::Tcp(s),
-                Some(config) => negotiate_tls(s, config, host, sslmode, &addr).await?,
+            match tls_config {
+                Some(config) if sslmode != SslMode::Disable => {
+                    negotiate_tls(s, config.clone(), host, sslmode, &addr).await?
+                }
+                _ => Socket::Tcp(s),
             }
         }
     };
@@ -412,7 +465,7 @@ async fn connect_once(
 
 async fn negotiate_tls(
     mut s: TcpStream,
-    config: std::sync::Arc<rustls::ClientConfig>,
+    config: Arc<rustls::ClientConfig>,
     host: &Host,
     sslmode: SslMode,
     addr: &str,

@@ -22,12 +22,9 @@ pub enum PgError {
     Config { message: String },
 
     /// A TCP connect or unix socket connect failed (refused, unreachable, no such socket).
-    #[error("connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: io::Error,
-    },
+    /// (The io error is in the message, so it is not also a `source()`.)
+    #[error("connect to {addr}: {error}")]
+    Connect { addr: String, error: io::Error },
 
     /// `connect_timeout` elapsed before the connection was ready.
     #[error("connect to {addr}: timed out after {}s", after.as_secs())]
@@ -55,7 +52,7 @@ pub enum PgError {
 
     /// Reading or writing the established connection failed.
     #[error("connection to the server failed: {0}")]
-    Io(#[source] io::Error),
+    Io(io::Error),
 
     /// The server closed the connection.
     #[error("the server closed the connection")]
@@ -191,6 +188,18 @@ impl PgError {
     pub fn advice(&self) -> Option<&'static str> {
         match self {
             PgError::Server(e) => e.advice(),
+            PgError::Connect { error, .. }
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                ) =>
+            {
+                Some(
+                    "nothing accepts connections there: is the server running, and do \
+                     listen_addresses, port and unix_socket_directories match the connection \
+                     string? walferry retries",
+                )
+            }
             PgError::AllHostsFailed { attempts } => attempts.iter().find_map(|a| a.error.advice()),
             _ => None,
         }
@@ -268,6 +277,17 @@ impl ServerError {
     pub fn advice(&self) -> Option<&'static str> {
         let m = self.message.as_str();
         let c = self.code.as_str();
+        if m.contains("no pg_hba.conf entry for replication connection")
+            && m.contains("no encryption")
+        {
+            return Some(
+                "pg_hba.conf has no line that allows this unencrypted replication connection; a \
+                 physical walsender only matches lines whose database column is the keyword \
+                 `replication` (`all` does not match it). Add e.g. `host replication <user> \
+                 <client-address>/32 scram-sha-256` and reload the server, or, if only \
+                 `hostssl` lines allow it, connect with sslmode=require or stronger",
+            );
+        }
         if m.contains("no pg_hba.conf entry for replication connection") {
             return Some(
                 "pg_hba.conf has no line that allows this replication connection; a physical \
@@ -348,12 +368,6 @@ impl ServerError {
             return Some(
                 "this server's timeline history does not contain the requested timeline: the \
                  archive belongs to another cluster or a diverged timeline",
-            );
-        }
-        if c == "08P01" && m.contains("SSL") || m.contains("SSL off") {
-            return Some(
-                "the server only accepts TLS connections from here (hostssl in pg_hba.conf): \
-                 use sslmode=require or stronger",
             );
         }
         if m.contains("unrecognized configuration parameter") {
@@ -466,6 +480,13 @@ mod tests {
 
     #[test]
     fn multi_host_transient_if_any_attempt_is() {
+        let refused = PgError::Connect {
+            addr: "h:1".into(),
+            error: io::Error::from(io::ErrorKind::ConnectionRefused),
+        };
+        assert!(refused.is_transient());
+        assert!(refused.advice().unwrap().contains("server running"));
+
         let e = PgError::AllHostsFailed {
             attempts: vec![
                 HostAttempt {

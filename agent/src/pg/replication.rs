@@ -558,8 +558,8 @@ impl<'c> ReplicationStream<'c> {
         }
     }
 
-    /// Send a standby status update ('r'): `write`, `flush` and `apply` are each "last byte
-    /// + 1". A physical slot's restart_lsn follows `flush`, so report there only what is
+    /// Send a standby status update ('r'): `write`, `flush` and `apply` are each the
+    /// position after the last byte. A physical slot's restart_lsn follows `flush`, so report there only what is
     /// durably stored; `Lsn::INVALID` (0/0) means "not reported". Cancel-safe: a dropped
     /// call leaves the message queued and the next `next()`/`send_status()` sends it.
     /// After the server left streaming this is a no-op.
