@@ -10,7 +10,7 @@
 #   5. cargo nextest run --workspace --no-fail-fast  (cargo test when nextest is missing)
 #
 # Idempotent: installed tools are reused (a .installed marker is written last).
-# Extra arguments go to the test runner, e.g. `scripts/test.sh -p walferry-tests`.
+# Extra arguments go to the test runner, e.g. `scripts/test.sh testkit` (a name filter).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -83,7 +83,9 @@ pub struct Archiver {
     part_from: u64,
     part_since: Option<Instant>,
     scanner: WalScanner,
-    summary: WalSummary,
+    /// Records that ended since the last part was cut, and since the segment began.
+    part_summary: WalSummary,
+    segment_summary: WalSummary,
     in_flight: FuturesOrdered<JoinHandle<Result<Done, Error>>>,
     cleanups: VecDeque<JoinHandle<()>>,
     received: Lsn,
@@ -119,15 +121,17 @@ impl Archiver {
             part_from: offset,
             part_since: None,
             scanner,
-            summary: WalSummary::default(),
+            part_summary: WalSummary::default(),
+            segment_summary: WalSummary::default(),
             in_flight: FuturesOrdered::new(),
             cleanups: VecDeque::new(),
             received: start,
             durable: start,
         };
-        // Records that ended inside the prefix were indexed with earlier parts.
+        // Records that ended inside the prefix were indexed with earlier parts, but belong
+        // in the sealed segment's index too.
         archiver.drain_scanner();
-        archiver.summary = WalSummary::default();
+        archiver.part_summary = WalSummary::default();
         archiver
     }
 
@@ -187,7 +191,10 @@ impl Archiver {
     fn drain_scanner(&mut self) {
         loop {
             match self.scanner.poll() {
-                Ok(Some(r)) => self.summary.add(&r),
+                Ok(Some(r)) => {
+                    self.part_summary.add(&r);
+                    self.segment_summary.add(&r);
+                }
                 Ok(None) => break,
                 Err(e) => {
                     // The index is an aid for planning; WAL is archived byte for byte regardless.
@@ -210,7 +217,7 @@ impl Archiver {
         let (tli, seg, size) = (self.tli, self.seg, self.size);
         let key = part_key(tli, seg, size, from, to);
         let index_key = part_index_key(tli, seg, size, from, to);
-        let index = self.take_index();
+        let index = index_bytes(std::mem::take(&mut self.part_summary));
         let end = Lsn(self.segment_start() + to);
         debug!(%key, bytes = to - from, "flush part");
         self.spawn_upload(Upload {
@@ -230,7 +237,8 @@ impl Archiver {
         let (tli, seg, size) = (self.tli, self.seg, self.size);
         let key = segment_key(tli, seg, size);
         let index_key = segment_index_key(tli, seg, size);
-        let index = self.take_index();
+        self.part_summary = WalSummary::default();
+        let index = index_bytes(std::mem::take(&mut self.segment_summary));
         let end = Lsn(self.segment_start() + size.bytes());
         debug!(%key, "seal segment");
         self.spawn_upload(Upload {
@@ -252,11 +260,6 @@ impl Archiver {
 
     fn segment_start(&self) -> u64 {
         self.seg.0 * self.size.bytes()
-    }
-
-    fn take_index(&mut self) -> Bytes {
-        let summary = std::mem::take(&mut self.summary);
-        Bytes::from(serde_json::to_vec(&summary).unwrap_or_default())
     }
 
     /// Stores a unit and its index entry, retrying until it succeeds or fails
@@ -337,6 +340,10 @@ impl Archiver {
         }
         Ok(self.durable)
     }
+}
+
+fn index_bytes(summary: WalSummary) -> Bytes {
+    Bytes::from(serde_json::to_vec(&summary).unwrap_or_default())
 }
 
 /// Deletes the parts (and their index entries) of a segment that is sealed.

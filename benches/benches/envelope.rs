@@ -29,7 +29,10 @@ const UNIT: usize = 1 << 20;
 const LEVELS: [i32; 2] = [1, 3];
 const DEFAULT_UNITS: usize = 32;
 const FILES: [(&str, &str); 3] = [
-    ("heap-pgbench", "pgbench_accounts main fork after pgbench -i"),
+    (
+        "heap-pgbench",
+        "pgbench_accounts main fork after pgbench -i",
+    ),
     ("heap-mixed", "table of random-ish rows, ~3x with zstd -3"),
     ("wal", "WAL segments from a TPC-B run after a CHECKPOINT"),
 ];
@@ -151,8 +154,22 @@ fn synthetic_pgbench(len: usize) -> Vec<u8> {
 /// Rows of numbers, hex and words that compress roughly 3x.
 fn synthetic_mixed(len: usize) -> Vec<u8> {
     const WORDS: [&str; 16] = [
-        "order", "delayed", "customer", "refund", "gift", "express", "shipping", "address",
-        "warehouse", "north", "invoice", "paid", "card", "voucher", "note", "sent",
+        "order",
+        "delayed",
+        "customer",
+        "refund",
+        "gift",
+        "express",
+        "shipping",
+        "address",
+        "warehouse",
+        "north",
+        "invoice",
+        "paid",
+        "card",
+        "voucher",
+        "note",
+        "sent",
     ];
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut out = Vec::with_capacity(len + 256);
@@ -163,7 +180,9 @@ fn synthetic_mixed(len: usize) -> Vec<u8> {
         out.extend_from_slice(&id.to_le_bytes());
         out.extend_from_slice(format!("{:012x}", r >> 16).as_bytes());
         out.extend_from_slice(&(rng.next() % 10_000_000).to_le_bytes()[..4]);
-        out.extend_from_slice(&(1_700_000_000_000_000 + rng.next() % 35_000_000_000_000).to_le_bytes());
+        out.extend_from_slice(
+            &(1_700_000_000_000_000 + rng.next() % 35_000_000_000_000).to_le_bytes(),
+        );
         for _ in 0..5 + r % 10 {
             out.extend_from_slice(WORDS[(rng.next() % 16) as usize].as_bytes());
             out.push(b' ');
@@ -238,7 +257,11 @@ fn bench_codec(c: &mut Criterion, ds: &Dataset, level: i32, keys: &Keyring) {
 fn bench_primitives(c: &mut Criterion) {
     let mut rng = Rng(42);
     let units: Vec<Vec<u8>> = (0..DEFAULT_UNITS)
-        .map(|_| (0..UNIT / 8).flat_map(|_| rng.next().to_le_bytes()).collect())
+        .map(|_| {
+            (0..UNIT / 8)
+                .flat_map(|_| rng.next().to_le_bytes())
+                .collect()
+        })
         .collect();
     let bytes = (units.len() * UNIT) as u64;
     let cipher = Aes256Gcm::new(&[7u8; 32].into());
@@ -253,7 +276,11 @@ fn bench_primitives(c: &mut Criterion) {
             for u in scratch.iter_mut() {
                 black_box(
                     cipher
-                        .encrypt_in_place_detached(Nonce::<Aes256Gcm>::from_slice(&nonce), b"aad", u)
+                        .encrypt_in_place_detached(
+                            Nonce::<Aes256Gcm>::from_slice(&nonce),
+                            b"aad",
+                            u,
+                        )
                         .expect("encrypt"),
                 );
             }
@@ -384,15 +411,18 @@ fn print_summary(data: &[Dataset], keys: &Keyring, since: SystemTime) {
     println!("| primitive (32 x 1 MiB) | MB/s |");
     println!("|---|---|");
     for f in ["aes256gcm-encrypt", "crc32", "copy-to-vec"] {
-        println!("| {f} | {} |", cell(measured(&home, "primitives", f, since)));
+        println!(
+            "| {f} | {} |",
+            cell(measured(&home, "primitives", f, since))
+        );
     }
 }
 
 fn main() {
     let since = SystemTime::now();
     let args: Vec<String> = std::env::args().collect();
-    let bench_mode = args.iter().any(|a| a == "--bench")
-        && !args.iter().any(|a| a == "--test" || a == "--list");
+    let bench_mode =
+        args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test" || a == "--list");
     let data = load_datasets();
     let keys = keyring();
     let mut c = Criterion::default()

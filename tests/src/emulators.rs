@@ -72,7 +72,8 @@ impl StoreTarget {
             .with_context(|| format!("open store {}", self.url))
     }
 
-    /// The target's options as `KEY=VALUE` strings (handy for CLI tests passing env vars).
+    /// The options with upper-cased keys (`AWS_ENDPOINT`, `AZURE_STORAGE_ACCOUNT_KEY`, ...),
+    /// as env vars for a child process whose object_store builders use `from_env()`.
     pub fn options_env(&self) -> Vec<(String, String)> {
         self.options
             .iter()

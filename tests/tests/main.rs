@@ -10,6 +10,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cli;
 mod conformance;
 mod replication;
 mod streaming;
