@@ -6,7 +6,7 @@
 #   2. Azurite (npm) into .tools/azurite, moto[server] (PyPI) into the venv .tools/moto
 #   3. one shared Azurite + moto for the whole run (WALFERRY_SHARED_EMULATORS=0: let each
 #      test process start its own)
-#   4. cargo build of formats/fuzz, when it exists
+#   4. cargo build of formats/fuzz, when it exists, and of the walferry binaries
 #   5. cargo nextest run --workspace --no-fail-fast  (cargo test when nextest is missing)
 #
 # Idempotent: installed tools are reused (a .installed marker is written last).
@@ -180,6 +180,13 @@ start_shared_emulators() {
 
 # ---- tests --------------------------------------------------------------------------------
 
+# The end-to-end tests run the real binaries; build them once here instead of in every
+# test process (tests/src/bins.rs builds them itself when WALFERRY_BIN_DIR is unset).
+build_bins() {
+  cargo build --workspace --bins
+  export WALFERRY_BIN_DIR=${CARGO_TARGET_DIR:-$ROOT/target}/debug
+}
+
 run_tests() {
   if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast "$@"
@@ -213,6 +220,7 @@ status=0
 rc=0
 begin "build fuzz targets"; build_fuzz || rc=$?; end "$rc"
 if [ "$rc" -ne 0 ]; then status=$rc; fi
+begin "build binaries"; build_bins; end
 rc=0
 begin "cargo tests"; run_tests "$@" || rc=$?; end "$rc"
 if [ "$rc" -ne 0 ]; then status=$rc; fi

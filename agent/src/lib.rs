@@ -1,6 +1,7 @@
 //! walferry-agent library: the writer side (shared by the binary and tests).
 
 pub mod archive;
+pub mod backup;
 pub mod cluster;
 pub mod pg;
 pub mod stream;

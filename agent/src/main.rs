@@ -88,8 +88,25 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         status_interval: std::time::Duration,
     },
-    /// [not built yet] Take one base backup now with BASE_BACKUP; prints its id.
-    Backup(Unbuilt),
+    /// Take one base backup now with BASE_BACKUP; prints its id.
+    ///
+    /// Blocks already stored are referenced, not uploaded again. The backup is listed only
+    /// once its manifest is written, after every block and the WAL it needs are stored.
+    Backup {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// libpq connection string or postgres:// URL.
+        #[arg(long, env = "WALFERRY_PG", value_name = "CONNINFO")]
+        pg: String,
+        /// Label recorded in backup_label and the manifest.
+        #[arg(long, default_value = "walferry")]
+        label: String,
+        /// Wait for a spread checkpoint instead of requesting an immediate one.
+        #[arg(long)]
+        spread_checkpoint: bool,
+    },
     /// archive_command-compatible: store one WAL file (segment, .partial, .history, .backup).
     ///
     /// archive_command = 'walferry-agent wal-push --repo URL --key-file FILE %p'. Pushing the
@@ -225,7 +242,52 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Backup(_) => unbuilt("backup", "base backups"),
+        Command::Backup {
+            repo,
+            key,
+            pg,
+            label,
+            spread_checkpoint,
+        } => {
+            let conninfo = ConnInfo::parse(&pg).map_err(|e| UsageError(format!("--pg: {e}")))?;
+            let master = load_master_key(&key)?;
+            let r = Repository::open(&repo.repo, repo.repo_options)
+                .context("open the repository URL")?;
+            let location = r.location().to_string();
+            let (units, config) = Units::load(r, master.as_ref())
+                .await
+                .with_context(|| format!("open the repository at {location}"))?;
+            let req = walferry_agent::backup::BackupRequest {
+                label,
+                fast_checkpoint: !spread_checkpoint,
+            };
+            let progress = Progress::new();
+            let m = walferry_agent::backup::take(&units, &config, &conninfo, &req, &|b| {
+                progress.update(b)
+            })
+            .await
+            .context("take a base backup")?;
+            progress.finish();
+            let secs = m.stats.duration_ms as f64 / 1000.0;
+            let total_blocks = m.stats.new_blocks + m.stats.reused_blocks;
+            eprintln!(
+                "backup {} done: {:.1} MB of data in {secs:.1}s ({:.0} MB/s); uploaded {:.1} MB in {} new blocks, reused {} of {} blocks ({:.0}% dedup), {} zero blocks; WAL {}..{} on timeline {}",
+                m.id,
+                m.stats.bytes as f64 / 1e6,
+                m.stats.bytes as f64 / 1e6 / secs.max(0.001),
+                m.stats.new_stored_bytes as f64 / 1e6,
+                m.stats.new_blocks,
+                m.stats.reused_blocks,
+                total_blocks,
+                if total_blocks == 0 { 0.0 } else { 100.0 * m.stats.reused_blocks as f64 / total_blocks as f64 },
+                m.stats.zero_blocks,
+                m.start_lsn,
+                m.end_lsn,
+                m.timeline
+            );
+            println!("{}", m.id);
+            Ok(())
+        }
         Command::WalPush { repo, key, path } => {
             let units = open_units(repo, &key).await?;
             let outcome = walferry_agent::walpush::push(&units, &path).await?;
@@ -234,6 +296,58 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::List(_) => unbuilt("list", "sidecar operations"),
         Command::Expire(_) => unbuilt("expire", "sidecar operations"),
+    }
+}
+
+/// A byte counter: a progress bar on a terminal, a log line every few seconds otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last_log: std::sync::Mutex<std::time::Instant>,
+    began: std::time::Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} backing up {bytes} ({bytes_per_sec}) {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b
+        });
+        Progress {
+            bar,
+            last_log: std::sync::Mutex::new(std::time::Instant::now()),
+            began: std::time::Instant::now(),
+        }
+    }
+
+    fn update(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(bytes);
+            return;
+        }
+        let Ok(mut last) = self.last_log.lock() else {
+            return;
+        };
+        if last.elapsed() >= std::time::Duration::from_secs(5) {
+            *last = std::time::Instant::now();
+            let secs = self.began.elapsed().as_secs_f64();
+            tracing::info!(
+                "backed up {:.0} MB ({:.0} MB/s)",
+                bytes as f64 / 1e6,
+                bytes as f64 / 1e6 / secs.max(0.001)
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
     }
 }
 

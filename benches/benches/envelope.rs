@@ -8,6 +8,9 @@
 //! whole file rather than of one lucky unit. Throughput counts plaintext bytes for both
 //! directions. MB = 10^6 bytes.
 //!
+//! A fourth dataset, `random` (incompressible, generated in memory, level 3 only), covers
+//! the store-as-is path.
+//!
 //! Groups are `<data>-zstd<level>` with functions `seal`, `zstd-compress`, `open`,
 //! `zstd-decompress`; `primitives` holds AES-256-GCM, crc32 and a plain copy, for scale.
 //! After a `cargo bench` run the bench prints a summary table built from criterion's
@@ -40,6 +43,8 @@ const FILES: [(&str, &str); 3] = [
 struct Dataset {
     /// Group-name prefix; synthetic data says so in its name.
     name: String,
+    /// zstd levels to measure on it.
+    levels: &'static [i32],
     /// The whole file in 1 MiB units (for the compression ratio).
     all: Vec<Vec<u8>>,
     /// Indexes into `all` of the units every iteration processes.
@@ -52,7 +57,12 @@ impl Dataset {
         assert!(!all.is_empty(), "{name}: less than one 1 MiB unit of data");
         let n = want.clamp(1, all.len());
         let sample = (0..n).map(|i| i * all.len() / n).collect();
-        Dataset { name, all, sample }
+        Dataset {
+            name,
+            levels: &LEVELS,
+            all,
+            sample,
+        }
     }
 
     fn units(&self) -> impl Iterator<Item = &[u8]> + '_ {
@@ -116,6 +126,15 @@ fn load_datasets() -> Vec<Dataset> {
             ));
         }
     }
+    // Incompressible units take the store-as-is path (zstd runs, then its output is
+    // dropped); already-compressed TOAST or encrypted columns look like this.
+    let mut rng = Rng(7);
+    let random: Vec<u8> = (0..(want.max(1) * UNIT) / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    let mut incompressible = Dataset::new("random".into(), &random, want);
+    incompressible.levels = &[3];
+    out.push(incompressible);
     out
 }
 
@@ -385,7 +404,7 @@ fn print_summary(data: &[Dataset], keys: &Keyring, since: SystemTime) {
     println!("| data | level | zstd ratio | envelope ratio | seal | zstd compress | seal/zstd | open | zstd decompress | open/zstd |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for ds in data {
-        for level in LEVELS {
+        for &level in ds.levels {
             let g = format!("{}-zstd{level}", ds.name);
             let m = |f: &str| measured(&home, &g, f, since);
             let (seal, comp, open, dec) = (
@@ -433,7 +452,7 @@ fn main() {
         .configure_from_args();
     bench_primitives(&mut c);
     for ds in &data {
-        for level in LEVELS {
+        for &level in ds.levels {
             bench_codec(&mut c, ds, level, &keys);
         }
     }

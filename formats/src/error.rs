@@ -60,6 +60,9 @@ pub enum Error {
     )]
     PlaintextRejected,
 
+    #[error("block {id} decodes to data with another hash (the pack holds the wrong block)")]
+    BlockHashMismatch { id: String },
+
     #[error("decompression failed: {reason}")]
     Decompress { reason: String },
 
@@ -171,6 +174,7 @@ impl Error {
                 | Error::AuthenticationFailed { .. }
                 | Error::PlaintextRejected
                 | Error::Decompress { .. }
+                | Error::BlockHashMismatch { .. }
                 | Error::LengthMismatch { .. }
                 | Error::TooLarge { .. }
         )

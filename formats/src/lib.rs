@@ -3,6 +3,7 @@
 //! - [`lsn`] and [`walname`]: LSNs, timelines, segment numbers and WAL file names.
 //! - [`envelope`]: the framed, compressed, encrypted, checksummed unit of storage.
 //! - [`keyring`]: master key, wrapped data keys, block naming.
+//! - [`backup`]: backup manifests and packs of blocks.
 //! - [`config`]: the repository config file, walferry.json.
 //! - [`layout`]: object names in a repository; [`walcatalog`]: what WAL it holds.
 //! - [`repo`]: create-only access to object storage.
@@ -14,6 +15,7 @@
 //! object stores are; [`units`] is the one place that moves codec work onto tokio's
 //! blocking pool, so neither binary runs zstd or AES on an async thread.
 
+pub mod backup;
 pub mod config;
 pub mod envelope;
 mod error;

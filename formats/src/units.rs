@@ -55,13 +55,18 @@ impl Units {
         &self.keyring
     }
 
-    /// Seals `plaintext` under identity `key` off the async threads.
-    pub async fn seal(&self, key: &str, kind: Kind, plaintext: Bytes) -> Result<Bytes, Error> {
+    /// Seals `plaintext` under `identity` (an object key, or a block id) off the async threads.
+    pub async fn seal(
+        &self,
+        identity: impl AsRef<[u8]>,
+        kind: Kind,
+        plaintext: Bytes,
+    ) -> Result<Bytes, Error> {
         let _permit = self.cpu.acquire().await.map_err(|_| Error::Compress {
             reason: "worker pool closed".into(),
         })?;
         let keyring = self.keyring.clone();
-        let identity = key.to_string();
+        let identity = identity.as_ref().to_vec();
         let level = self.level;
         blocking(move || {
             SEALER.with(|cell| {
@@ -71,20 +76,25 @@ impl Units {
                     _ => slot.insert(Sealer::new(level)?),
                 };
                 sealer
-                    .seal(kind, identity.as_bytes(), &plaintext, &keyring)
+                    .seal(kind, &identity, &plaintext, &keyring)
                     .map(Bytes::from)
             })
         })
         .await
     }
 
-    /// Opens an envelope stored under `key` off the async threads.
-    pub async fn open(&self, key: &str, kind: Kind, sealed: Bytes) -> Result<Bytes, Error> {
+    /// Opens an envelope sealed under `identity` off the async threads.
+    pub async fn open(
+        &self,
+        identity: impl AsRef<[u8]>,
+        kind: Kind,
+        sealed: Bytes,
+    ) -> Result<Bytes, Error> {
         let _permit = self.cpu.acquire().await.map_err(|_| Error::Decompress {
             reason: "worker pool closed".into(),
         })?;
         let keyring = self.keyring.clone();
-        let identity = key.to_string();
+        let identity = identity.as_ref().to_vec();
         blocking(move || {
             OPENER.with(|cell| {
                 let mut slot = cell.borrow_mut();
@@ -93,8 +103,34 @@ impl Units {
                     None => slot.insert(Opener::new()?),
                 };
                 opener
-                    .open(&sealed, kind, identity.as_bytes(), &keyring)
+                    .open(&sealed, kind, &identity, &keyring)
                     .map(Bytes::from)
+            })
+        })
+        .await
+    }
+
+    /// Opens a block envelope and checks that its plaintext hashes to `id`, so a block
+    /// that decrypts but is not the one the manifest asked for is never written out.
+    pub async fn open_block(&self, id: [u8; 32], sealed: Bytes) -> Result<Bytes, Error> {
+        let _permit = self.cpu.acquire().await.map_err(|_| Error::Decompress {
+            reason: "worker pool closed".into(),
+        })?;
+        let keyring = self.keyring.clone();
+        blocking(move || {
+            OPENER.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let opener = match slot.as_mut() {
+                    Some(o) => o,
+                    None => slot.insert(Opener::new()?),
+                };
+                let plain = opener.open(&sealed, Kind::Block, &id, &keyring)?;
+                if keyring.block_id(&plain) != id {
+                    return Err(Error::BlockHashMismatch {
+                        id: hex::encode(id),
+                    });
+                }
+                Ok(Bytes::from(plain))
             })
         })
         .await

@@ -1,3 +1,6 @@
 //! walferry-restore library: the reader side (shared by the binary and tests).
 
+pub mod materialize;
+pub mod plan;
+pub mod recovery;
 pub mod walfetch;

@@ -8,7 +8,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use walferry_formats::keyring::MasterKey;
 use walferry_formats::{Repository, Units};
-use walferry_restore::walfetch;
+use walferry_restore::plan::{self, RepoView, Target};
+use walferry_restore::{materialize, recovery, walfetch};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -102,6 +103,12 @@ struct RestoreArgs {
     /// Put tablespace OID somewhere else: OID=DIR (repeatable).
     #[arg(long, value_name = "OID=DIR")]
     tablespace_map: Vec<String>,
+    /// Extra server setting for the restored cluster, e.g. port=5433 (repeatable; goes to postgresql.auto.conf).
+    #[arg(long = "pg-option", value_name = "KEY=VALUE")]
+    pg_options: Vec<String>,
+    /// With --start: give up waiting for recovery after this long.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    start_timeout: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -193,22 +200,189 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
         }
         Some(Command::Verify { .. }) => unbuilt("verify", "sidecar operations"),
-        None => {
-            let args = cli.restore;
-            if let Some(to) = args.to.as_deref().filter(|t| *t != "latest") {
-                walferry_formats::target::parse_time(to)
-                    .map_err(|e| UsageError(format!("--to: {e}")))?;
-            }
-            if let Some(lsn) = &args.to_lsn {
-                lsn.parse::<walferry_formats::Lsn>()
-                    .map_err(|e| UsageError(format!("--to-lsn: {e}")))?;
-            }
-            if args.repo.is_none() {
-                return Err(UsageError("--repo URL (or WALFERRY_REPO) is required".into()).into());
-            }
-            unbuilt("restore", "base backups and point-in-time restore")
+        None => restore(cli.restore).await,
+    }
+}
+
+fn key_value(flag: &str, s: &str) -> Result<(String, String), UsageError> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(UsageError(format!("{flag}: expected KEY=VALUE, got {s:?}"))),
+    }
+}
+
+/// Parses and checks everything the user typed before touching the network or the disk.
+fn parse_target(args: &RestoreArgs) -> Result<Target, UsageError> {
+    if let Some(to) = &args.to {
+        if to == "latest" {
+            return Ok(Target::Latest);
+        }
+        return walferry_formats::target::parse_time(to)
+            .map(Target::Time)
+            .map_err(|e| UsageError(format!("--to: {e}")));
+    }
+    if let Some(l) = &args.to_lsn {
+        return l
+            .parse()
+            .map(Target::Lsn)
+            .map_err(|e| UsageError(format!("--to-lsn: {e}")));
+    }
+    if let Some(x) = args.to_xid {
+        return Ok(Target::Xid(x));
+    }
+    if let Some(n) = &args.to_name {
+        return Ok(Target::Name(n.clone()));
+    }
+    Err(UsageError(
+        "choose a target: --to TIME|latest, --to-lsn, --to-xid or --to-name".into(),
+    ))
+}
+
+async fn restore(args: RestoreArgs) -> anyhow::Result<Outcome> {
+    let target = parse_target(&args)?;
+    let Some(repo) = args.repo.as_ref() else {
+        return Err(UsageError("--repo URL (or WALFERRY_REPO) is required".into()).into());
+    };
+    let pgdata = args
+        .pgdata
+        .clone()
+        .ok_or_else(|| UsageError("--pgdata DIR is required".into()))?;
+    let pgdata = std::path::absolute(&pgdata).context("resolve --pgdata")?;
+    let mut ts_map = std::collections::BTreeMap::new();
+    for m in &args.tablespace_map {
+        let (oid, dir) = key_value("--tablespace-map", m)?;
+        let oid: u32 = oid.parse().map_err(|_| {
+            UsageError(format!("--tablespace-map: {oid:?} is not a tablespace OID"))
+        })?;
+        ts_map.insert(
+            oid,
+            std::path::absolute(dir).context("resolve --tablespace-map")?,
+        );
+    }
+    let pg_options = args
+        .pg_options
+        .iter()
+        .map(|o| key_value("--pg-option", o))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !args.dry_run {
+        materialize::check_target(&pgdata, args.delta)?;
+        for d in ts_map.values() {
+            materialize::check_target(d, args.delta)?;
         }
     }
+
+    let units = repo.open().await?;
+    let view = RepoView::load(&units)
+        .await
+        .context("read the repository")?;
+    let plan = plan::plan(&view, &target, args.backup.as_deref()).context("plan the restore")?;
+    let manifest = &view.backups[plan.backup_index];
+    println!("restore plan:");
+    println!("  target:      {}", plan.target);
+    println!(
+        "  backup:      {} (started {}, finished {}, WAL {}..{})",
+        manifest.id,
+        manifest.started_at,
+        manifest.finished_at,
+        manifest.start_lsn,
+        manifest.end_lsn
+    );
+    println!("  timeline:    {}", plan.timeline);
+    println!(
+        "  WAL needed:  {}..{} ({} segments)",
+        plan.wal_start,
+        plan.wal_end,
+        plan.segments.len()
+    );
+    println!(
+        "  to fetch:    {:.1} MB of backup data, {:.1} MB on disk",
+        plan.bytes_to_fetch as f64 / 1e6,
+        manifest.stats.bytes as f64 / 1e6
+    );
+    match plan.window {
+        Some((a, b)) => {
+            println!("  restorable:  any moment from {a} up to (not including) {b}, or latest")
+        }
+        None => println!("  restorable:  latest only (no commit after a backup yet)"),
+    }
+    if args.dry_run {
+        println!("dry run: nothing was written");
+        return Ok(Outcome::Done);
+    }
+
+    let began = std::time::Instant::now();
+    let opts = materialize::Options {
+        pgdata: pgdata.clone(),
+        tablespace_map: ts_map,
+        delta: args.delta,
+    };
+    let stats = materialize::materialize(&units, manifest, &opts)
+        .await
+        .with_context(|| format!("restore backup {} into {}", manifest.id, pgdata.display()))?;
+    let secs = began.elapsed().as_secs_f64();
+    println!(
+        "restored {} files ({:.1} MB) into {} in {secs:.1}s ({:.0} MB/s){}",
+        stats.files,
+        stats.bytes_written as f64 / 1e6,
+        pgdata.display(),
+        stats.bytes_written as f64 / 1e6 / secs.max(0.001),
+        if args.delta {
+            format!(", {} blocks reused", stats.blocks_reused)
+        } else {
+            String::new()
+        }
+    );
+    let fetch = recovery::FetchCommand {
+        exe: std::env::current_exe().context("find the walferry-restore binary")?,
+        repo: repo.repo.clone(),
+        repo_options: repo.repo_options.clone(),
+        key_file: repo
+            .key_file
+            .as_ref()
+            .map(std::path::absolute)
+            .transpose()
+            .context("resolve --key-file")?,
+    };
+    recovery::write_settings(&pgdata, &plan, &fetch, &pg_options)
+        .context("write the recovery settings")?;
+    if fetch.key_file.is_none() && std::env::var_os("WALFERRY_KEY").is_some() {
+        eprintln!("note: restore_command has no --key-file; the server needs WALFERRY_KEY in its environment");
+    }
+    if !args.start {
+        println!(
+            "recovery is configured; start PostgreSQL on {} to replay WAL to the target",
+            pgdata.display()
+        );
+        return Ok(Outcome::Done);
+    }
+    let dirs: Vec<std::path::PathBuf> = opts
+        .tablespace_map
+        .values()
+        .cloned()
+        .chain(
+            manifest
+                .tablespaces
+                .iter()
+                .filter(|t| !opts.tablespace_map.contains_key(&t.oid))
+                .map(|t| std::path::PathBuf::from(&t.location)),
+        )
+        .collect();
+    let pgdata2 = pgdata.clone();
+    let timeout = args.start_timeout;
+    let reached =
+        tokio::task::spawn_blocking(move || recovery::start_and_follow(&pgdata2, &dirs, timeout))
+            .await
+            .context("recovery supervisor")??;
+    for l in &reached.log_summary {
+        println!("{l}");
+    }
+    println!(
+        "recovery complete: last replayed commit {}, at LSN {}; the cluster is running on {}",
+        reached.last_commit.as_deref().unwrap_or("(none)"),
+        reached.last_lsn.as_deref().unwrap_or("(unknown)"),
+        pgdata.display()
+    );
+    Ok(Outcome::Done)
 }
 
 fn unbuilt(name: &str, part: &str) -> anyhow::Result<Outcome> {

@@ -10,9 +10,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod basebackup_protocol;
 mod cli;
 mod conformance;
 mod replication;
 mod streaming;
+mod streaming_more;
 mod testkit;
 mod walreader;

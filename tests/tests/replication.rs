@@ -273,7 +273,7 @@ async fn missing_hba_line_and_missing_replication_role_give_advice() {
 }
 
 /// A CA and a server certificate signed by it for `names`; returns (ca.pem, cert.pem, key.pem).
-fn make_certs(dir: &Path, tag: &str, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+pub(crate) fn make_certs(dir: &Path, tag: &str, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

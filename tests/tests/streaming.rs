@@ -18,10 +18,10 @@ use walferry_tests::bins::{repo_args, run_walferry, AgentProcess};
 use walferry_tests::emulators::{file_target, s3_target, StoreTarget};
 use walferry_tests::pg::PgCluster;
 
-const SEG: SegmentSize = SegmentSize::DEFAULT;
+pub(crate) const SEG: SegmentSize = SegmentSize::DEFAULT;
 
 /// A cluster that keeps all its WAL, so pg_wal can serve as the oracle.
-fn cluster() -> PgCluster {
+pub(crate) fn cluster() -> PgCluster {
     PgCluster::builder()
         .config("wal_keep_size", "8GB")
         .config("max_wal_size", "8GB")
@@ -30,14 +30,14 @@ fn cluster() -> PgCluster {
 }
 
 /// A repository (encrypted) on `target` plus the key file.
-struct Repo {
+pub(crate) struct Repo {
     target: StoreTarget,
     key: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Repo {
-    fn init(target: StoreTarget) -> Repo {
+    pub(crate) fn init(target: StoreTarget) -> Repo {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("master.key");
         let (st, _, err) = run_walferry(
@@ -59,13 +59,13 @@ impl Repo {
         }
     }
 
-    fn args(&self) -> Vec<String> {
+    pub(crate) fn args(&self) -> Vec<String> {
         let mut a = repo_args(&self.target);
         a.extend(["--key-file".into(), self.key.display().to_string()]);
         a
     }
 
-    fn agent(&self, pg_conninfo: &str, log: &Path, extra: &[&str]) -> AgentProcess {
+    pub(crate) fn agent(&self, pg_conninfo: &str, log: &Path, extra: &[&str]) -> AgentProcess {
         let mut args = vec!["run".to_string()];
         args.extend(self.args());
         args.extend([
@@ -78,7 +78,7 @@ impl Repo {
         AgentProcess::spawn(&args, log).unwrap()
     }
 
-    async fn units(&self) -> Units {
+    pub(crate) async fn units(&self) -> Units {
         let repo = Repository::open(&self.target.url, self.target.options.clone()).unwrap();
         let text = std::fs::read_to_string(&self.key).unwrap();
         let master = MasterKey::from_hex(&text).unwrap();
@@ -86,7 +86,7 @@ impl Repo {
     }
 
     /// `walferry-restore wal-fetch NAME DEST`: Some(bytes) on exit 0, None on exit 1.
-    fn fetch(&self, name: &str, dir: &Path) -> Option<Vec<u8>> {
+    pub(crate) fn fetch(&self, name: &str, dir: &Path) -> Option<Vec<u8>> {
         let dest = dir.join(name);
         let mut args = vec!["wal-fetch".to_string()];
         args.extend(self.args());
@@ -101,7 +101,7 @@ impl Repo {
 }
 
 /// Waits until the slot's restart_lsn (which follows our reported flush) reaches `lsn`.
-fn wait_durable(pg: &PgCluster, slot: &str, lsn: Lsn, timeout: Duration) -> Result<()> {
+pub(crate) fn wait_durable(pg: &PgCluster, slot: &str, lsn: Lsn, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let r = pg.psql(
@@ -120,7 +120,7 @@ fn wait_durable(pg: &PgCluster, slot: &str, lsn: Lsn, timeout: Duration) -> Resu
     }
 }
 
-fn pgbench(pg: &PgCluster, args: &[&str]) {
+pub(crate) fn pgbench(pg: &PgCluster, args: &[&str]) {
     let out = pg.command("pgbench").args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -130,7 +130,7 @@ fn pgbench(pg: &PgCluster, args: &[&str]) {
 }
 
 /// Switches to a new segment and returns the end of the completed one.
-fn switch_wal(pg: &PgCluster) -> Lsn {
+pub(crate) fn switch_wal(pg: &PgCluster) -> Lsn {
     // Make sure the current segment has something in it, or pg_switch_wal is a no-op.
     pg.psql(
         "postgres",
@@ -148,7 +148,7 @@ fn switch_wal(pg: &PgCluster) -> Lsn {
 
 /// Every segment on `tli` that the repository holds sealed, up to `end`, fetched back
 /// and compared with the server's pg_wal file. Returns the segments compared.
-fn assert_segments_identical(
+pub(crate) fn assert_segments_identical(
     pg: &PgCluster,
     repo: &Repo,
     tli: TimelineId,
@@ -180,7 +180,7 @@ fn assert_segments_identical(
 }
 
 /// `(lsn, time)` of every COMMIT/ABORT pg_waldump prints for [start, end).
-fn waldump_commits(
+pub(crate) fn waldump_commits(
     pg: &PgCluster,
     dir: &Path,
     start: Lsn,
@@ -237,7 +237,12 @@ fn waldump_commits(
 }
 
 /// Copies fetched segments into a directory pg_waldump (as postgres) can read.
-fn fetched_dir(pg: &PgCluster, repo: &Repo, tli: TimelineId, segs: &[SegmentNo]) -> PathBuf {
+pub(crate) fn fetched_dir(
+    pg: &PgCluster,
+    repo: &Repo,
+    tli: TimelineId,
+    segs: &[SegmentNo],
+) -> PathBuf {
     let dir = pg
         .make_dir(&format!("fetched-{}", rand::random::<u32>()))
         .unwrap();
