@@ -247,7 +247,7 @@ fn bench_codec(c: &mut Criterion, ds: &Dataset, level: i32, keys: &Keyring) {
         b.iter(|| {
             for u in &units {
                 buf.clear();
-                black_box(raw.compress_to_buffer(*u, &mut buf).expect("compress"));
+                black_box(raw.compress_to_buffer(u, &mut buf).expect("compress"));
             }
         })
     });

@@ -281,13 +281,12 @@ impl Opener {
                 found: header.kind,
             });
         }
-        let payload = &bytes[HEADER_LEN..bytes.len() - CRC_LEN];
-        let compressed = match header.cipher {
+        match header.cipher {
             Cipher::None => {
                 if keyring.is_encrypted() {
                     return Err(Error::PlaintextRejected);
                 }
-                std::borrow::Cow::Borrowed(payload)
+                self.decompress(&header, &bytes[HEADER_LEN..bytes.len() - CRC_LEN])
             }
             Cipher::Aes256Gcm => {
                 let key = keyring
@@ -301,10 +300,27 @@ impl Opener {
                             key_id: header.key_id,
                         }
                     })?;
-                std::borrow::Cow::Owned(decrypt(&header, bytes, identity, &key.cipher)?)
+                let body = decrypt(&header, bytes, identity, &key.cipher)?;
+                self.decompress_owned(&header, body)
             }
-        };
-        self.decompress(&header, &compressed)
+        }
+    }
+
+    /// [`Self::decompress`] for a body the caller owns (just decrypted): a stored,
+    /// uncompressed body is handed back as it is instead of being copied once more.
+    fn decompress_owned(&mut self, header: &Header, body: Vec<u8>) -> Result<Vec<u8>> {
+        match header.compression {
+            Compression::None => {
+                if body.len() as u64 != header.plaintext_len {
+                    return Err(Error::LengthMismatch {
+                        declared: header.plaintext_len,
+                        actual: body.len() as u64,
+                    });
+                }
+                Ok(body)
+            }
+            Compression::Zstd => self.decompress(header, &body),
+        }
     }
 
     fn decompress(&mut self, header: &Header, body: &[u8]) -> Result<Vec<u8>> {
@@ -412,7 +428,7 @@ pub(crate) fn open_with_cipher(
         return Err(Error::PlaintextRejected);
     }
     let body = decrypt(&header, bytes, identity, cipher)?;
-    Opener::new()?.decompress(&header, &body)
+    Opener::new()?.decompress_owned(&header, body)
 }
 
 fn aad(header_bytes: &[u8], identity: &[u8]) -> Vec<u8> {
@@ -608,6 +624,41 @@ mod tests {
             open(&sealed, Kind::Block, b"b", &keys),
             Err(Error::LengthMismatch { .. }) | Err(Error::Decompress { .. })
         ));
+    }
+
+    #[test]
+    fn length_mismatch_detected_in_encrypted_stored_envelopes() {
+        // A stored (uncompressed) body is returned without a copy; its length is still checked.
+        let keys = ring(1);
+        let (key_id, key) = keys.current().unwrap();
+        let body = sample(1000);
+        for declared in [999, 1001, 0] {
+            let sealed = frame_encrypted(
+                Kind::Block,
+                b"b",
+                Compression::None,
+                &body,
+                declared,
+                &key.cipher,
+                key_id,
+            )
+            .unwrap();
+            assert!(matches!(
+                open(&sealed, Kind::Block, b"b", &keys),
+                Err(Error::LengthMismatch { .. })
+            ));
+        }
+        let sealed = frame_encrypted(
+            Kind::Block,
+            b"b",
+            Compression::None,
+            &body,
+            body.len(),
+            &key.cipher,
+            key_id,
+        )
+        .unwrap();
+        assert_eq!(open(&sealed, Kind::Block, b"b", &keys).unwrap(), body);
     }
 
     proptest! {

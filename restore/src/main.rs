@@ -53,6 +53,9 @@ enum Command {
         name: String,
         /// Where to write it (restore_command's %p)
         dest: PathBuf,
+        /// On a miss, also fetch this many following segments in parallel (0 turns it off).
+        #[arg(long, default_value_t = 4)]
+        prefetch: u64,
     },
     /// [not built yet] Check integrity and print the restorable window(s); exit 1 on damage.
     Verify {
@@ -189,9 +192,9 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
-        Some(Command::WalFetch { repo, name, dest }) => {
+        Some(Command::WalFetch { repo, name, dest, prefetch }) => {
             let units = repo.open().await?;
-            match walfetch::fetch(&units, &name, &dest).await? {
+            match walfetch::fetch(&units, &name, &dest, prefetch).await? {
                 walfetch::Fetched::Found(_) => Ok(Outcome::Done),
                 walfetch::Fetched::NotFound => {
                     eprintln!("{name}: not in the repository");

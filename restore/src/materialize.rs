@@ -166,6 +166,12 @@ async fn write_all(
     if opts.delta {
         remove_extra(&opts.pgdata, &wanted)?;
     }
+    // Postgres's own manifest, as pg_basebackup leaves it, so pg_verifybackup can check the copy.
+    if let Some(m) = &manifest.pg_manifest {
+        let p = opts.pgdata.join("backup_manifest");
+        tokio::fs::write(&p, m).await.with_context(|| format!("write {}", p.display()))?;
+        tokio::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).await?;
+    }
     for name in LAST_FILES {
         if let Some(f) = manifest
             .files

@@ -18,15 +18,56 @@ pub enum Fetched {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Source {
     Sealed,
+    /// Fetched ahead by an earlier call.
+    Prefetched,
     /// Built from streamed parts, zero-padded past `covered` bytes.
     Parts {
         covered: u64,
     },
 }
 
+/// Where prefetched segments wait, beside the destination (`pg_wal/` during recovery).
+pub const PREFETCH_DIR: &str = ".walferry-prefetch";
+
 /// Fetches `name` into `dest`. A segment with no sealed object is assembled from its
 /// streamed parts and zero-padded to the full size, as pg_receivewal leaves `.partial` files.
-pub async fn fetch(units: &Units, name: &str, dest: &Path) -> anyhow::Result<Fetched> {
+///
+/// On a miss, the next `prefetch` sealed segments are fetched at the same time into a
+/// cache beside `dest`, so the calls recovery makes next are answered from local disk.
+pub async fn fetch(units: &Units, name: &str, dest: &Path, prefetch: u64) -> anyhow::Result<Fetched> {
+    let cache = dest.parent().map(|p| p.join(PREFETCH_DIR));
+    if let Some(c) = &cache {
+        let cached = c.join(name);
+        if tokio::fs::rename(&cached, dest).await.is_ok() {
+            return Ok(Fetched::Found(Source::Prefetched));
+        }
+    }
+    let ahead = async {
+        let Some(c) = &cache else { return };
+        if prefetch == 0 {
+            return;
+        }
+        let Ok(Some(binding)) = cluster_binding(units.repo()).await else { return };
+        let size = binding.wal_segment_size;
+        let Ok(WalFileName::Segment { tli, segno }) = WalFileName::parse(name, size) else { return };
+        if tokio::fs::create_dir_all(c).await.is_err() {
+            return;
+        }
+        let next = (1..=prefetch).map(|i| WalFileName::Segment { tli, segno: walferry_formats::SegmentNo(segno.0 + i) });
+        futures::future::join_all(next.map(|n| async move {
+            let key = wal_file_key(&n, size);
+            // Only sealed segments: they never change. A miss or an error here is not ours to report.
+            if let Ok(b) = units.get(&key, Kind::WalSegment).await {
+                let _ = write_atomically(&c.join(n.format(size)), &b).await;
+            }
+        }))
+        .await;
+    };
+    let (r, ()) = futures::join!(fetch_one(units, name, dest), ahead);
+    r
+}
+
+async fn fetch_one(units: &Units, name: &str, dest: &Path) -> anyhow::Result<Fetched> {
     let repo = units.repo();
     let Some(binding) = cluster_binding(repo).await.context("read cluster.json")? else {
         return Ok(Fetched::NotFound);

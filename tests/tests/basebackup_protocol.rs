@@ -50,16 +50,18 @@ async fn collect(
     opts: &BaseBackupOptions,
     dir: &Path,
 ) -> Collected {
-    collect_with(conn, opts, dir, None).await
+    collect_with(conn, opts, dir, None, false).await
 }
 
 /// [`collect`], running `at_first_data` (blocking, off the runtime) when the first data
-/// arrives, while the server waits for us to read on.
+/// arrives, while the server waits for us to read on. With `cancel_often`, most `next()`
+/// calls are dropped by a tiny timeout before they complete (cancel safety).
 async fn collect_with(
     conn: &mut ReplicationConnection,
     opts: &BaseBackupOptions,
     dir: &Path,
     mut at_first_data: Option<Box<dyn FnOnce() + Send + 'static>>,
+    cancel_often: bool,
 ) -> Collected {
     let mut stream = conn.base_backup(opts).await.expect("BASE_BACKUP");
     let start = stream.start();
@@ -72,8 +74,20 @@ async fn collect_with(
     let mut max_chunk = 0;
     let mut file: Option<std::fs::File> = None;
     let mut in_manifest = false;
+    let mut cancelled = 0u64;
     let end = loop {
-        match stream.next().await.expect("backup event") {
+        let ev = if cancel_often {
+            match tokio::time::timeout(Duration::from_micros(20), stream.next()).await {
+                Ok(ev) => ev,
+                Err(_) => {
+                    cancelled += 1;
+                    continue;
+                }
+            }
+        } else {
+            stream.next().await
+        };
+        match ev.expect("backup event") {
             BackupEvent::Archive {
                 name,
                 tablespace_path,
@@ -113,6 +127,9 @@ async fn collect_with(
             }
         }
     };
+    if cancel_often {
+        eprintln!("{cancelled} next() calls cancelled");
+    }
     // The stream is over; the connection takes commands again.
     assert!(stream.next().await.is_err(), "next() after End must fail");
     drop(stream);
@@ -463,7 +480,7 @@ async fn base_backup_with_wal_holds_the_segments() {
             )
             .unwrap();
     });
-    let c = collect_with(&mut conn, &opts, &out, Some(write_wal)).await;
+    let c = collect_with(&mut conn, &opts, &out, Some(write_wal), false).await;
     assert_eq!(
         c.order,
         vec!["archive:base.tar", "manifest", "end"]
@@ -586,7 +603,11 @@ async fn two_concurrent_base_backups_both_succeed() {
         label: "b".into(),
         ..Default::default()
     };
-    let (ca, cb) = tokio::join!(collect(&mut a, &opts, &da), collect(&mut b, &opts_b, &db));
+    // One of them drops most of its next() futures half-way (cancel safety).
+    let (ca, cb) = tokio::join!(
+        collect(&mut a, &opts, &da),
+        collect_with(&mut b, &opts_b, &db, None, true)
+    );
     for c in [&ca, &cb] {
         assert_eq!(c.order, vec!["archive:base.tar", "manifest", "end"]);
         assert!(c.start.0 <= c.end.0);
@@ -594,6 +615,13 @@ async fn two_concurrent_base_backups_both_succeed() {
         assert_eq!(m["WAL-Ranges"][0]["End-LSN"], c.end.0.to_string());
         assert_same_files(&manifest_files(&m), &archive_files(c));
     }
+    // Every byte of the cancelled one is there: the server's verifier checks each file's
+    // CRC32C against the manifest.
+    let plain = pg.make_dir("plain").unwrap();
+    let pg = Arc::new(pg);
+    let (pg2, cb) = (pg.clone(), Arc::new(cb));
+    let cb2 = cb.clone();
+    blocking(move || verify_with_pg_verifybackup(&pg2, &cb2, &plain, false)).await;
     let la = list_tar(&ca.archives[0].2);
     assert!(file_text(&la, "backup_label").contains("LABEL: a\n"));
     let lb = list_tar(&cb.archives[0].2);

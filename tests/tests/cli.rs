@@ -226,7 +226,7 @@ fn help_describes_the_whole_contract() {
         assert!(out.contains(s), "restore --help lacks {s}:\n{out}");
     }
     // A command that is not built says so and writes nothing.
-    let (st, _, err) = run_walferry("walferry-agent", &["backup".into()], &[]).unwrap();
+    let (st, _, err) = run_walferry("walferry-agent", &["list".into()], &[]).unwrap();
     assert_eq!(st.code(), Some(1));
     assert!(err.contains("not built yet"), "{err}");
 }

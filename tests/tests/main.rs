@@ -14,6 +14,7 @@ mod basebackup_protocol;
 mod cli;
 mod conformance;
 mod replication;
+mod restore_errors;
 mod streaming;
 mod streaming_more;
 mod testkit;

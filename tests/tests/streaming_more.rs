@@ -497,7 +497,7 @@ async fn store_outage_holds_the_slot() {
         assert!(ours[..] == theirs[..], "{name} differs from pg_wal");
         // And the same through wal-fetch's code path.
         let dest = fetched.path().join(&name);
-        walferry_restore::walfetch::fetch(&plain, &name, &dest)
+        walferry_restore::walfetch::fetch(&plain, &name, &dest, 0)
             .await
             .unwrap();
         assert!(std::fs::read(&dest).unwrap() == theirs, "wal-fetch {name}");

@@ -12,10 +12,8 @@
 //! ```
 //!
 //! Nothing is buffered beyond one protocol message: each `Data` is a zero-copy slice of
-//! the CopyData the server sent (PostgreSQL sends at most a few hundred kB per message), so
-//! memory stays bounded however slow the consumer is; the server simply waits (TCP flow
-//! control), which is harmless for a base backup (no `wal_sender_timeout` applies while
-//! the walsender is busy sending).
+//! the CopyData the server sent (32 kB on PostgreSQL 15), so memory stays bounded however
+//! slow the consumer is; the server simply waits (TCP flow control).
 //!
 //! Every archive is a complete tar stream, end-of-archive marker included (PostgreSQL
 //! 13/14 omit the two zero blocks; the stream appends them as a last `Data`).

@@ -21,8 +21,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| Fixture {
-        encrypted: Keyring::from_materials(&[DataKeyMaterial::generate(1)], 1)
-            .expect("keyring"),
+        encrypted: Keyring::from_materials(&[DataKeyMaterial::generate(1)], 1).expect("keyring"),
         plain: Keyring::unencrypted(),
         opener: Mutex::new(Opener::new().expect("opener")),
     })
@@ -55,11 +54,11 @@ fn exercise(bytes: &[u8]) {
     for kind in [claimed, Kind::Block] {
         for keys in [&f.encrypted, &f.plain] {
             let one_shot = envelope::open(bytes, kind, b"fuzz/identity", keys);
-            let reused = f
-                .opener
-                .lock()
-                .expect("opener lock")
-                .open(bytes, kind, b"fuzz/identity", keys);
+            let reused =
+                f.opener
+                    .lock()
+                    .expect("opener lock")
+                    .open(bytes, kind, b"fuzz/identity", keys);
             match (&one_shot, &reused) {
                 (Ok(a), Ok(b)) => {
                     assert_eq!(a, b, "a reused opener disagrees with a fresh one");
@@ -68,7 +67,9 @@ fn exercise(bytes: &[u8]) {
                     assert_eq!(h.kind, kind);
                 }
                 (Err(_), Err(_)) => {}
-                _ => panic!("a reused opener disagrees with a fresh one: {one_shot:?} vs {reused:?}"),
+                _ => {
+                    panic!("a reused opener disagrees with a fresh one: {one_shot:?} vs {reused:?}")
+                }
             }
         }
     }

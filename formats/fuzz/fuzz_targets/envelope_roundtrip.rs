@@ -17,8 +17,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| Fixture {
-        encrypted: Keyring::from_materials(&[DataKeyMaterial::generate(1)], 1)
-            .expect("keyring"),
+        encrypted: Keyring::from_materials(&[DataKeyMaterial::generate(1)], 1).expect("keyring"),
         plain: Keyring::unencrypted(),
         sealers: Mutex::new((1..=5).map(|l| Sealer::new(l).expect("sealer")).collect()),
         opener: Mutex::new(Opener::new().expect("opener")),
