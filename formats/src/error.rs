@@ -121,6 +121,16 @@ pub enum Error {
     #[error("{location} holds {key} from an interrupted init made with another master key; remove the keys/ prefix there, or use that key")]
     InitLeftovers { location: String, key: String },
 
+    #[error("the repository holds no WAL and no backups yet (cluster.json is missing)")]
+    EmptyRepository,
+
+    #[error("{key}: {source}")]
+    At {
+        key: String,
+        #[source]
+        source: Box<Error>,
+    },
+
     #[error("object {key} not found")]
     NotFound { key: String },
 
@@ -149,14 +159,33 @@ pub enum Error {
 }
 
 impl Error {
+    /// Names the object this error is about.
+    pub fn at(self, key: &str) -> Error {
+        match self {
+            e @ (Error::NotFound { .. } | Error::Store { .. } | Error::At { .. }) => e,
+            e => Error::At {
+                key: key.to_string(),
+                source: Box::new(e),
+            },
+        }
+    }
+
+    /// The error underneath any [`Error::At`] naming.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::At { source, .. } => source.root(),
+            e => e,
+        }
+    }
+
     /// The object does not exist.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::NotFound { .. })
+        matches!(self.root(), Error::NotFound { .. })
     }
 
     /// A failure that may go away if the same call is repeated.
     pub fn is_transient(&self) -> bool {
-        match self {
+        match self.root() {
             Error::Store { source, .. } => store_error_is_transient(source),
             _ => false,
         }
@@ -165,7 +194,7 @@ impl Error {
     /// The bytes themselves are damaged, tampered with, or not ours.
     pub fn is_corruption(&self) -> bool {
         matches!(
-            self,
+            self.root(),
             Error::Truncated { .. }
                 | Error::BadMagic
                 | Error::CrcMismatch { .. }
@@ -189,7 +218,7 @@ impl Error {
     /// The caller must supply a different (or any) key.
     pub fn is_key_problem(&self) -> bool {
         matches!(
-            self,
+            self.root(),
             Error::UnknownKeyId { .. }
                 | Error::KeyRequired { .. }
                 | Error::WrongMasterKey

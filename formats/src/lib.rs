@@ -8,6 +8,7 @@
 //! - [`layout`]: object names in a repository; [`walcatalog`]: what WAL it holds.
 //! - [`repo`]: create-only access to object storage.
 //! - [`target`]: recovery target times as users type them.
+//! - [`view`]: a read-only view of a repository (backups, WAL, index, timelines).
 //! - [`walreader`]: a sans-IO scanner of WAL pages and records (commit times, restore points).
 //! - [`units`]: seal-and-store and fetch-and-open, with the codec on a bounded blocking pool.
 //!
@@ -25,6 +26,7 @@ pub mod lsn;
 pub mod repo;
 pub mod target;
 pub mod units;
+pub mod view;
 pub mod walcatalog;
 pub mod walname;
 pub mod walreader;

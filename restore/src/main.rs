@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use walferry_formats::keyring::MasterKey;
+use walferry_formats::view::RepoView;
 use walferry_formats::{Repository, Units};
-use walferry_restore::plan::{self, RepoView, Target};
+use walferry_restore::plan::{self, Target};
 use walferry_restore::{materialize, recovery, walfetch};
 
 const AFTER_HELP: &str = "\
@@ -192,7 +193,12 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
-        Some(Command::WalFetch { repo, name, dest, prefetch }) => {
+        Some(Command::WalFetch {
+            repo,
+            name,
+            dest,
+            prefetch,
+        }) => {
             let units = repo.open().await?;
             match walfetch::fetch(&units, &name, &dest, prefetch).await? {
                 walfetch::Fetched::Found(_) => Ok(Outcome::Done),

@@ -169,7 +169,9 @@ async fn write_all(
     // Postgres's own manifest, as pg_basebackup leaves it, so pg_verifybackup can check the copy.
     if let Some(m) = &manifest.pg_manifest {
         let p = opts.pgdata.join("backup_manifest");
-        tokio::fs::write(&p, m).await.with_context(|| format!("write {}", p.display()))?;
+        tokio::fs::write(&p, m)
+            .await
+            .with_context(|| format!("write {}", p.display()))?;
         tokio::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).await?;
     }
     for name in LAST_FILES {

@@ -1,18 +1,13 @@
 //! Planning a restore: target -> backup + timeline path + WAL range, checked against what
 //! the repository holds before a single byte is written.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
-use anyhow::{anyhow, bail, Context};
-use futures::{StreamExt, TryStreamExt};
+use anyhow::{anyhow, bail};
 use jiff::Timestamp;
 use walferry_formats::backup::BackupManifest;
-use walferry_formats::envelope::Kind;
-use walferry_formats::layout::{history_key, parse_wal_key, WalObject};
-use walferry_formats::walcatalog::{cluster_binding, WalCatalog};
-use walferry_formats::walreader::WalSummary;
-use walferry_formats::{Lsn, SegmentNo, SegmentSize, TimelineId, Units, WalFileName};
+use walferry_formats::view::{on_path, RepoView};
+use walferry_formats::{Lsn, SegmentNo, TimelineId, WalFileName};
 
 /// What the operator asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,183 +29,6 @@ impl fmt::Display for Target {
             Target::Name(n) => write!(f, "restore point {n:?}"),
         }
     }
-}
-
-/// One commit-time index entry: a WAL range and what was committed in it.
-#[derive(Clone, Debug)]
-pub struct IndexEntry {
-    pub tli: TimelineId,
-    pub start: Lsn,
-    pub end: Lsn,
-    pub summary: WalSummary,
-}
-
-/// Everything planning (and verify, and list) reads, fetched once.
-pub struct RepoView {
-    pub size: SegmentSize,
-    pub backups: Vec<BackupManifest>,
-    pub catalog: WalCatalog,
-    pub index: Vec<IndexEntry>,
-    /// For each timeline with a history file: (parent timeline, where the parent ended).
-    pub histories: BTreeMap<TimelineId, Vec<(TimelineId, Lsn)>>,
-}
-
-impl RepoView {
-    pub async fn load(units: &Units) -> anyhow::Result<RepoView> {
-        let repo = units.repo();
-        let binding = cluster_binding(repo)
-            .await
-            .context("read cluster.json")?
-            .ok_or_else(|| {
-                anyhow!("the repository holds no WAL and no backups yet (cluster.json is missing)")
-            })?;
-        let size = binding.wal_segment_size;
-        let manifests = repo.list("backups").await.context("list backups")?;
-        let backups: Vec<BackupManifest> = futures::stream::iter(
-            manifests
-                .into_iter()
-                .filter(|o| o.key.ends_with(".manifest")),
-        )
-        .map(|o| async move {
-            let plain = units
-                .get(&o.key, Kind::Manifest)
-                .await
-                .with_context(|| format!("read backup manifest {}", o.key))?;
-            BackupManifest::from_json(&plain)
-                .with_context(|| format!("parse backup manifest {}", o.key))
-        })
-        .buffer_unordered(8)
-        .try_collect()
-        .await?;
-        let catalog = WalCatalog::load(repo, size).await.context("list WAL")?;
-        let index_keys = repo.list("wal/index").await.context("list the WAL index")?;
-        let mut index: Vec<IndexEntry> = futures::stream::iter(index_keys)
-            .map(|o| async move {
-                let (tli, start, end) = match parse_wal_key(&o.key, size) {
-                    Some(WalObject::SegmentIndex { tli, segno }) => {
-                        let s = segno.start_lsn(size).unwrap_or_default();
-                        (tli, s, Lsn(s.0 + size.bytes()))
-                    }
-                    Some(WalObject::PartIndex {
-                        tli,
-                        segno,
-                        from,
-                        to,
-                    }) => {
-                        let s = segno.start_lsn(size).unwrap_or_default();
-                        (tli, Lsn(s.0 + from), Lsn(s.0 + to))
-                    }
-                    _ => return Ok(None),
-                };
-                let plain = units
-                    .get(&o.key, Kind::WalIndex)
-                    .await
-                    .with_context(|| format!("read WAL index entry {}", o.key))?;
-                let summary: WalSummary = serde_json::from_slice(&plain)
-                    .with_context(|| format!("parse WAL index entry {}", o.key))?;
-                Ok::<_, anyhow::Error>(Some(IndexEntry {
-                    tli,
-                    start,
-                    end,
-                    summary,
-                }))
-            })
-            .buffer_unordered(16)
-            .try_filter_map(|e| async move { Ok(e) })
-            .try_collect()
-            .await?;
-        index.sort_by_key(|e| (e.tli, e.start));
-        let mut histories = BTreeMap::new();
-        for tli in catalog.histories.iter().copied() {
-            let plain = units
-                .get(&history_key(tli), Kind::WalHistory)
-                .await
-                .with_context(|| format!("read {}", history_key(tli)))?;
-            histories.insert(
-                tli,
-                parse_history(&plain).with_context(|| format!("parse {}", history_key(tli)))?,
-            );
-        }
-        let mut backups = backups;
-        backups.sort_by(|a, b| a.start_lsn.cmp(&b.start_lsn));
-        Ok(RepoView {
-            size,
-            backups,
-            catalog,
-            index,
-            histories,
-        })
-    }
-
-    /// The newest timeline the repository knows.
-    pub fn latest_timeline(&self) -> Option<TimelineId> {
-        let wal = self.catalog.timelines.keys().next_back().copied();
-        let hist = self.histories.keys().next_back().copied();
-        wal.max(hist)
-    }
-
-    /// The timelines leading to `tli`, oldest first: (timeline, where it ends on this path).
-    pub fn path_to(&self, tli: TimelineId) -> Vec<(TimelineId, Lsn)> {
-        let mut path: Vec<(TimelineId, Lsn)> = self
-            .histories
-            .get(&tli)
-            .map(|h| h.clone())
-            .unwrap_or_default();
-        path.push((tli, Lsn(u64::MAX)));
-        path
-    }
-
-    /// The restorable windows for time targets on the path to `tli`: from the earliest
-    /// backup's end to the last commit the WAL holds (exclusive: recovery needs a later
-    /// commit to stop at).
-    pub fn window(&self, tli: TimelineId) -> Option<(Timestamp, Timestamp)> {
-        let path = self.path_to(tli);
-        let from = self
-            .backups
-            .iter()
-            .filter(|b| on_path(&path, b.timeline, b.end_lsn))
-            .filter_map(|b| b.finished_at.parse::<Timestamp>().ok())
-            .min()?;
-        let to = self
-            .index
-            .iter()
-            .filter(|e| on_path(&path, e.tli, e.start))
-            .filter_map(|e| e.summary.last_commit.and_then(|c| c.time.to_timestamp()))
-            .max()?;
-        (to > from).then_some((from, to))
-    }
-}
-
-fn on_path(path: &[(TimelineId, Lsn)], tli: TimelineId, lsn: Lsn) -> bool {
-    let mut begin = Lsn(0);
-    for &(t, end) in path {
-        if t == tli && lsn >= begin && lsn < end {
-            return true;
-        }
-        begin = end;
-    }
-    false
-}
-
-/// Parses a timeline history file: `parentTLI<TAB>switchLSN<TAB>reason` lines.
-pub fn parse_history(bytes: &[u8]) -> anyhow::Result<Vec<(TimelineId, Lsn)>> {
-    let text = std::str::from_utf8(bytes).context("history file is not UTF-8")?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut f = line.split_whitespace();
-        let (Some(t), Some(l)) = (f.next(), f.next()) else {
-            bail!("malformed history line {line:?}");
-        };
-        out.push((
-            TimelineId(t.parse().with_context(|| format!("timeline in {line:?}"))?),
-            l.parse()?,
-        ));
-    }
-    Ok(out)
 }
 
 /// A validated plan.

@@ -34,7 +34,12 @@ pub const PREFETCH_DIR: &str = ".walferry-prefetch";
 ///
 /// On a miss, the next `prefetch` sealed segments are fetched at the same time into a
 /// cache beside `dest`, so the calls recovery makes next are answered from local disk.
-pub async fn fetch(units: &Units, name: &str, dest: &Path, prefetch: u64) -> anyhow::Result<Fetched> {
+pub async fn fetch(
+    units: &Units,
+    name: &str,
+    dest: &Path,
+    prefetch: u64,
+) -> anyhow::Result<Fetched> {
     let cache = dest.parent().map(|p| p.join(PREFETCH_DIR));
     if let Some(c) = &cache {
         let cached = c.join(name);
@@ -47,13 +52,20 @@ pub async fn fetch(units: &Units, name: &str, dest: &Path, prefetch: u64) -> any
         if prefetch == 0 {
             return;
         }
-        let Ok(Some(binding)) = cluster_binding(units.repo()).await else { return };
+        let Ok(Some(binding)) = cluster_binding(units.repo()).await else {
+            return;
+        };
         let size = binding.wal_segment_size;
-        let Ok(WalFileName::Segment { tli, segno }) = WalFileName::parse(name, size) else { return };
+        let Ok(WalFileName::Segment { tli, segno }) = WalFileName::parse(name, size) else {
+            return;
+        };
         if tokio::fs::create_dir_all(c).await.is_err() {
             return;
         }
-        let next = (1..=prefetch).map(|i| WalFileName::Segment { tli, segno: walferry_formats::SegmentNo(segno.0 + i) });
+        let next = (1..=prefetch).map(|i| WalFileName::Segment {
+            tli,
+            segno: walferry_formats::SegmentNo(segno.0 + i),
+        });
         futures::future::join_all(next.map(|n| async move {
             let key = wal_file_key(&n, size);
             // Only sealed segments: they never change. A miss or an error here is not ours to report.

@@ -6,6 +6,7 @@ pub mod bins;
 pub mod emulators;
 pub mod faults;
 pub mod pg;
+pub mod restore;
 
 pub use emulators::{
     all_targets, azurite_target, file_target, memory_target, require_emulators, s3_target,

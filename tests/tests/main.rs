@@ -13,6 +13,7 @@
 mod basebackup_protocol;
 mod cli;
 mod conformance;
+mod pitr;
 mod replication;
 mod restore_errors;
 mod streaming;

@@ -136,6 +136,13 @@ impl Fixture {
         self.scratch.path().join(name)
     }
 
+    /// An empty directory under the scratch dir (a mount point, say).
+    fn empty_dir(&self, name: &str) -> PathBuf {
+        let d = self.scratch.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        d
+    }
+
     /// A directory under the scratch dir holding one file.
     fn occupied(&self, name: &str) -> PathBuf {
         let d = self.scratch.path().join(name);
@@ -236,4 +243,284 @@ async fn targets_outside_the_window() {
     });
     assert_exit(st, 1, &out, &err);
     assert_mentions(&err, &[&past, "past the end of the stored WAL"]);
+}
+
+/// A restore that must fail with exit 1 into `pgdata`, leaving it exactly as it was.
+fn restore_fails(f: &Fixture, pgdata: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["--pgdata", pgdata.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (st, out, err) = unchanged(pgdata, || f.restore(&args));
+    assert_exit(st, 1, &out, &err);
+    err
+}
+
+/// 2. Key problems: the wrong key, no key for an encrypted repository, a key file others
+/// can read. Each names the problem and what to do, and writes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn key_problems_are_refused() {
+    let f = Fixture::new();
+    let url = f.repo.args()[1].clone();
+    let run = |key: &[&str], pgdata: &Path| {
+        let mut a = vec!["--repo".to_string(), url.clone()];
+        a.extend(key.iter().map(|s| s.to_string()));
+        a.extend(["--to".into(), "latest".into(), "--pgdata".into()]);
+        a.push(pgdata.display().to_string());
+        unchanged(pgdata, || {
+            run_walferry("walferry-restore", &a, &[]).unwrap()
+        })
+    };
+
+    let other = f.scratch.path().join("other.key");
+    let (st, _, err) = run_walferry(
+        "walferry-agent",
+        &["keygen".into(), "--out".into(), other.display().to_string()],
+        &[],
+    )
+    .unwrap();
+    assert!(st.success(), "{err}");
+    for pgdata in [f.absent("wrong-key"), f.empty_dir("wrong-key-empty")] {
+        let (st, out, err) = run(&["--key-file", other.to_str().unwrap()], &pgdata);
+        assert_exit(st, 1, &out, &err);
+        assert_mentions(
+            &err,
+            &[
+                "does not open this repository",
+                "use the key the repository was created with",
+            ],
+        );
+    }
+
+    let pgdata = f.absent("no-key");
+    let (st, out, err) = run(&[], &pgdata);
+    assert_exit(st, 1, &out, &err);
+    assert_mentions(
+        &err,
+        &["repository is encrypted; a master key is required", "--key-file"],
+    );
+
+    let open = f.scratch.path().join("open.key");
+    std::fs::copy(f.key_file(), &open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let pgdata = f.absent("open-key");
+    let (st, out, err) = run(&["--key-file", open.to_str().unwrap()], &pgdata);
+    assert_exit(st, 1, &out, &err);
+    assert_mentions(
+        &err,
+        &[
+            open.to_str().unwrap(),
+            "accessible by group or others",
+            "chmod 600",
+        ],
+    );
+}
+
+/// A block of a table file that every restore needs: (file path, block number, its ref).
+fn needed_block(m: &BackupManifest) -> (String, usize, walferry_formats::backup::BlockRef) {
+    let file = m
+        .files
+        .iter()
+        .filter(|e| e.tablespace.is_none() && e.path.starts_with("base/"))
+        .max_by_key(|e| e.blocks.len())
+        .unwrap();
+    let (n, &b) = file
+        .blocks
+        .iter()
+        .enumerate()
+        .find(|(_, &b)| b != walferry_formats::backup::ZERO_BLOCK)
+        .unwrap();
+    (file.path.clone(), n, m.blocks[b as usize].clone())
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at as usize] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// 3a. One flipped byte inside a pack, in a block the restore needs: the restore fails
+/// naming the pack and the file, and removes what it wrote.
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_pack_fails_naming_pack_and_file() {
+    let f = Fixture::new();
+    let m = f.manifest().await;
+    let (path, _, block) = needed_block(&m);
+    flip_byte(&f.object(&block.pack), block.offset + u64::from(block.len) / 2);
+    for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
+        let err = restore_fails(&f, &pgdata, &["--to", "latest"]);
+        assert_mentions(&err, &[&block.pack, &path, "corrupt"]);
+    }
+}
+
+/// 3b. A flipped byte in the backup manifest: the restore fails naming the manifest.
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_manifest_fails_naming_it() {
+    let f = Fixture::new();
+    let key = BackupManifest::key(&f.backup_id);
+    let obj = f.object(&key);
+    let len = std::fs::metadata(&obj).unwrap().len();
+    flip_byte(&obj, len / 2);
+    for pgdata in [f.absent("absent"), f.occupied("occupied")] {
+        let extra: &[&str] = if pgdata.exists() {
+            &["--to", "latest", "--delta"]
+        } else {
+            &["--to", "latest"]
+        };
+        let err = restore_fails(&f, &pgdata, extra);
+        assert_mentions(&err, &[&key, "corrupt"]);
+    }
+}
+
+/// 3c. A deleted pack: the restore fails naming the missing pack.
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_pack_fails_naming_it() {
+    let f = Fixture::new();
+    let m = f.manifest().await;
+    let (_, _, block) = needed_block(&m);
+    std::fs::remove_file(f.object(&block.pack)).unwrap();
+    for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
+        let err = restore_fails(&f, &pgdata, &["--to", "latest"]);
+        assert_mentions(&err, &[&block.pack, "not found"]);
+    }
+}
+
+/// 3d. A truncated pack: the restore fails naming the pack.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncated_pack_fails_naming_it() {
+    let f = Fixture::new();
+    let m = f.manifest().await;
+    let (_, _, block) = needed_block(&m);
+    let obj = f.object(&block.pack);
+    let file = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
+    file.set_len(block.offset + u64::from(block.len) / 2).unwrap();
+    drop(file);
+    for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
+        let err = restore_fails(&f, &pgdata, &["--to", "latest"]);
+        assert_mentions(&err, &[&block.pack, "truncated"]);
+    }
+}
+
+/// 4. The target directory: a non-empty one (without --delta), and one a server runs on.
+#[tokio::test(flavor = "multi_thread")]
+async fn occupied_or_live_target_is_refused() {
+    let f = Fixture::new();
+    let pgdata = f.occupied("occupied");
+    let err = restore_fails(&f, &pgdata, &["--to", "latest"]);
+    assert_mentions(
+        &err,
+        &[pgdata.to_str().unwrap(), "is not empty", "--delta"],
+    );
+
+    // The fixture's own running cluster.
+    let live = f.pg.data_dir();
+    let auto_conf = std::fs::read(live.join("postgresql.auto.conf")).unwrap();
+    let pid = f.pg.postmaster_pid().unwrap().to_string();
+    for extra in [&["--to", "latest"][..], &["--to", "latest", "--delta"]] {
+        let mut args = vec!["--pgdata", live.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (st, out, err) = f.restore(&args);
+        assert_exit(st, 1, &out, &err);
+        assert_mentions(
+            &err,
+            &[
+                &format!("PostgreSQL server (pid {pid}) is running on"),
+                "stop it first",
+            ],
+        );
+        assert!(f.pg.is_running());
+        assert!(!live.join("recovery.signal").exists());
+        assert_eq!(
+            std::fs::read(live.join("postgresql.auto.conf")).unwrap(),
+            auto_conf
+        );
+    }
+
+    // A postmaster.pid naming a live process (this test), with --delta.
+    let fake = f.empty_dir("fake-live");
+    std::fs::write(
+        fake.join("postmaster.pid"),
+        format!("{}\n{}\n", std::process::id(), fake.display()),
+    )
+    .unwrap();
+    let err = restore_fails(&f, &fake, &["--to", "latest", "--delta"]);
+    assert_mentions(&err, &["is running on", "stop it first"]);
+}
+
+/// 5. Malformed times are usage errors (exit 2), caught before the repository or the
+/// target directory is touched.
+#[test]
+fn malformed_time_is_a_usage_error() {
+    let scratch = tempfile::tempdir().unwrap();
+    // An address nothing listens on: parsing must fail before any network access.
+    let repo = [
+        "--repo",
+        "s3://walferry-nowhere/db",
+        "--repo-option",
+        "aws_endpoint=http://127.0.0.1:9",
+        "--repo-option",
+        "aws_allow_http=true",
+    ];
+    let occupied = scratch.path().join("occupied");
+    std::fs::create_dir(&occupied).unwrap();
+    std::fs::write(occupied.join("keep-me.txt"), b"precious").unwrap();
+    for (to, want) in [
+        ("2026-11-23 02:59:30", "has no zone"),
+        ("yesterday", "expected RFC 3339"),
+    ] {
+        for pgdata in [scratch.path().join("absent"), occupied.clone()] {
+            let mut a: Vec<String> = repo.iter().map(|s| s.to_string()).collect();
+            a.extend(["--to".into(), to.into(), "--pgdata".into()]);
+            a.push(pgdata.display().to_string());
+            let began = Instant::now();
+            let (st, out, err) =
+                unchanged(&pgdata, || run_walferry("walferry-restore", &a, &[]).unwrap());
+            assert_exit(st, 2, &out, &err);
+            assert_mentions(&err, &["--to", to, want]);
+            assert!(began.elapsed() < Duration::from_secs(10));
+        }
+    }
+}
+
+/// 6. A WAL segment between the backup and the target is missing: the plan fails naming
+/// it, before anything is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_wal_segment_fails_the_plan() {
+    let mut f = Fixture::new();
+    let m = f.manifest().await;
+    // Several sealed segments after the backup, then a target after all of them.
+    for i in 0..3 {
+        f.pg.psql(
+            "postgres",
+            &format!("insert into after_backup select g from generate_series(1, 1000) g; select {i}"),
+        )
+        .unwrap();
+        f.settle();
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let target = pg_time(jiff::Timestamp::now());
+    std::thread::sleep(Duration::from_millis(1100));
+    f.pg.psql("postgres", "insert into after_backup values (-1)")
+        .unwrap();
+    f.settle();
+
+    let seg = walferry_formats::WalFileName::Segment {
+        tli: m.end_timeline,
+        segno: walferry_formats::SegmentNo(m.end_lsn.segment(crate::streaming::SEG).0 + 2),
+    }
+    .format(crate::streaming::SEG);
+    let key = format!("wal/{:08X}/{seg}", m.end_timeline.0);
+    let sealed = f.object(&key);
+    assert!(sealed.exists(), "{key} should be sealed by now");
+    std::fs::remove_file(&sealed).unwrap();
+    let _ = std::fs::remove_dir_all(f.object(&format!("{key}.parts")));
+
+    for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
+        for to in [&["--to", &target][..], &["--to", "latest"]] {
+            let err = restore_fails(&f, &pgdata, to);
+            assert_mentions(&err, &[&seg, "missing from the repository"]);
+        }
+    }
+    // --dry-run says the same.
+    let (st, out, err) = f.restore(&["--to", "latest", "--dry-run", "--pgdata", "/nonexistent"]);
+    assert_exit(st, 1, &out, &err);
+    assert_mentions(&err, &[&seg]);
 }
