@@ -8,6 +8,7 @@
 //! bytes that are stored and over every byte before them.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -22,6 +23,8 @@ use walferry_formats::layout::{
 use walferry_formats::walreader::{WalScanner, WalSummary};
 use walferry_formats::{Error, Lsn, SegmentNo, SegmentSize, TimelineId, Units};
 
+use crate::metrics::Metrics;
+
 /// Tuning for the archiver.
 #[derive(Clone, Debug)]
 pub struct ArchiverConfig {
@@ -33,6 +36,8 @@ pub struct ArchiverConfig {
     pub max_in_flight: usize,
     /// Log an error once the repository has refused writes for this long.
     pub outage_alarm: Duration,
+    /// Where upload counts and the durable position are published.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for ArchiverConfig {
@@ -42,6 +47,7 @@ impl Default for ArchiverConfig {
             max_part: 8 << 20,
             max_in_flight: 8,
             outage_alarm: Duration::from_secs(60),
+            metrics: Arc::new(Metrics::default()),
         }
     }
 }
@@ -267,6 +273,7 @@ impl Archiver {
     fn spawn_upload(&mut self, up: Upload) {
         let units = self.units.clone();
         let alarm = self.cfg.outage_alarm;
+        let metrics = self.cfg.metrics.clone();
         self.in_flight.push_back(tokio::spawn(async move {
             let began = Instant::now();
             let mut alarmed = false;
@@ -278,12 +285,14 @@ impl Archiver {
                 };
                 match r.await {
                     Ok(_) => {
+                        metrics.upload_ok(up.bytes.len() as u64);
                         if alarmed {
                             info!("repository writes recovered after {:?}", began.elapsed());
                         }
                         return Ok(up.done);
                     }
                     Err(e) if e.is_transient() => {
+                        metrics.upload_failed();
                         if !alarmed && began.elapsed() >= alarm {
                             error!(
                                 "repository has refused writes for {:?}; WAL is held in memory and the slot keeps it on the server: {e}",
@@ -309,6 +318,7 @@ impl Archiver {
         };
         let done = joined.map_err(|e| ArchiveError::Task(e.to_string()))??;
         self.durable = self.durable.max(done.end);
+        self.cfg.metrics.set_durable(self.durable);
         if let Some(seg) = done.sealed {
             // Every earlier upload has landed (ordered), so no part of this segment is still in flight.
             self.spawn_cleanup(seg);

@@ -64,7 +64,7 @@ pub async fn take(
     config: &RepoConfig,
     conninfo: &ConnInfo,
     req: &BackupRequest,
-    progress: &dyn Fn(u64),
+    progress: &(dyn Fn(u64) + Send + Sync),
 ) -> anyhow::Result<BackupManifest> {
     let began = Instant::now();
     let started_at = jiff::Timestamp::now();

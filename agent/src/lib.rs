@@ -3,6 +3,9 @@
 pub mod archive;
 pub mod backup;
 pub mod cluster;
+pub mod daemon;
+pub mod list;
+pub mod metrics;
 pub mod pg;
 pub mod stream;
 pub mod walpush;

@@ -65,29 +65,12 @@ enum Command {
         #[arg(long, conflicts_with = "key_file")]
         no_encryption: bool,
     },
-    /// Run the sidecar: stream WAL through a physical replication slot into the repository.
+    /// Run the sidecar: stream WAL, take scheduled backups, serve /metrics and /health.
     ///
     /// Reports to Postgres as flushed only what is durable in the repository, so the slot
     /// keeps every byte that is not. SIGTERM/SIGINT store what is buffered, report the
-    /// final position and exit 0. (Scheduled backups, retention and /metrics are not built yet.)
-    Run {
-        #[command(flatten)]
-        repo: RepoArgs,
-        #[command(flatten)]
-        key: KeyArgs,
-        /// libpq connection string or postgres:// URL (host lists, PGPASSWORD, .pgpass and sslmode work as in libpq).
-        #[arg(long, env = "WALFERRY_PG", value_name = "CONNINFO")]
-        pg: String,
-        /// Physical replication slot to use (created if missing).
-        #[arg(long, env = "WALFERRY_SLOT", default_value = "walferry")]
-        slot: String,
-        /// Longest time a received WAL byte may wait before it is uploaded, e.g. 1s, 500ms.
-        #[arg(long, env = "WALFERRY_RPO", default_value = "1s", value_parser = humantime::parse_duration)]
-        rpo: std::time::Duration,
-        /// How often to send standby status updates when nothing else moves.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        status_interval: std::time::Duration,
-    },
+    /// final position and exit 0. Settings: flags, then WALFERRY_* variables, then --config.
+    Run(Box<RunArgs>),
     /// Take one base backup now with BASE_BACKUP; prints its id.
     ///
     /// Blocks already stored are referenced, not uploaded again. The backup is listed only
@@ -119,10 +102,74 @@ enum Command {
         /// The WAL file (archive_command's %p).
         path: PathBuf,
     },
-    /// [not built yet] List backups, WAL coverage and the restorable window.
-    List(Unbuilt),
+    /// List backups, WAL coverage per timeline and the restorable window(s).
+    List {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Machine-readable output (schema in docs/list.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// [not built yet] Apply retention: remove backups, WAL and packs no longer needed.
     Expire(Unbuilt),
+}
+
+/// `run`'s settings; each may also come from the --config TOML file (same names, with
+/// underscores), which flags and WALFERRY_* variables override.
+#[derive(Args)]
+struct RunArgs {
+    /// TOML file with settings; unknown keys are errors.
+    #[arg(long, env = "WALFERRY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Repository URL.
+    #[arg(long, env = "WALFERRY_REPO", value_name = "URL")]
+    repo: Option<String>,
+    /// object_store option for the repository (repeatable).
+    #[arg(long = "repo-option", value_name = "KEY=VALUE", value_parser = parse_option)]
+    repo_options: Vec<(String, String)>,
+    /// File holding the master key (mode 0600). Or set WALFERRY_KEY.
+    #[arg(long, env = "WALFERRY_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// libpq connection string or postgres:// URL (host lists, PGPASSWORD, .pgpass and sslmode work as in libpq).
+    #[arg(long, env = "WALFERRY_PG", value_name = "CONNINFO")]
+    pg: Option<String>,
+    /// Physical replication slot (created if missing). Default: walferry.
+    #[arg(long, env = "WALFERRY_SLOT")]
+    slot: Option<String>,
+    /// Longest time a received WAL byte may wait before upload. Default: 1s.
+    #[arg(long, env = "WALFERRY_RPO", value_name = "DURATION")]
+    rpo: Option<String>,
+    /// Standby status update interval when nothing else moves. Default: 10s.
+    #[arg(long, value_name = "DURATION")]
+    status_interval: Option<String>,
+    /// Serve /metrics, /health/live and /health/ready here, e.g. 127.0.0.1:9187.
+    #[arg(long, env = "WALFERRY_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+    /// /health/ready answers 503 once stored WAL lags the server by more than this. Default: 60s.
+    #[arg(long, value_name = "DURATION")]
+    ready_max_lag: Option<String>,
+    /// Take a base backup this often, e.g. 24h.
+    #[arg(
+        long,
+        env = "WALFERRY_BACKUP_EVERY",
+        value_name = "DURATION",
+        conflicts_with = "backup_cron"
+    )]
+    backup_every: Option<String>,
+    /// Take base backups on a cron schedule (UTC), e.g. "0 3 * * *".
+    #[arg(long, env = "WALFERRY_BACKUP_CRON", value_name = "EXPR")]
+    backup_cron: Option<String>,
+    /// Delay each scheduled backup by a random amount up to this. Default: 0s.
+    #[arg(long, value_name = "DURATION")]
+    backup_jitter: Option<String>,
+    /// Retention: keep this many newest backups.
+    #[arg(long, env = "WALFERRY_RETAIN_FULL")]
+    retain_full: Option<usize>,
+    /// Retention: keep every moment of this period restorable, e.g. 30d.
+    #[arg(long, env = "WALFERRY_RECOVERY_WINDOW", value_name = "DURATION")]
+    recovery_window: Option<String>,
 }
 
 /// Where the repository is.
@@ -206,42 +253,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             key,
             no_encryption,
         } => init(repo, key, no_encryption).await,
-        Command::Run {
-            repo,
-            key,
-            pg,
-            slot,
-            rpo,
-            status_interval,
-        } => {
-            if rpo.is_zero() || status_interval.is_zero() {
-                return Err(
-                    UsageError("--rpo and --status-interval must be above zero".into()).into(),
-                );
-            }
-            let conninfo = ConnInfo::parse(&pg).map_err(|e| UsageError(format!("--pg: {e}")))?;
-            walferry_agent::pg::validate_slot_name(&slot)
-                .map_err(|e| UsageError(format!("--slot: {e}")))?;
-            let units = open_units(repo, &key).await?;
-            let shutdown = CancellationToken::new();
-            spawn_signal_handler(shutdown.clone())?;
-            let cfg = StreamConfig {
-                conninfo,
-                slot,
-                archiver: ArchiverConfig {
-                    rpo,
-                    ..ArchiverConfig::default()
-                },
-                status_interval,
-                max_backoff: std::time::Duration::from_secs(30),
-            };
-            let durable = walferry_agent::stream::run(units, cfg, shutdown).await?;
-            match durable {
-                Some(lsn) => tracing::info!(durable = %lsn, "exiting"),
-                None => tracing::info!("exiting before streaming started"),
-            }
-            Ok(())
-        }
+        Command::Run(args) => run(*args).await,
         Command::Backup {
             repo,
             key,
@@ -294,9 +306,168 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             tracing::info!(file = %path.display(), ?outcome, "archived");
             Ok(())
         }
-        Command::List(_) => unbuilt("list", "sidecar operations"),
+        Command::List { repo, key, json } => {
+            let units = open_units(repo, &key).await?;
+            let view = walferry_formats::view::RepoView::load(&units)
+                .await
+                .context("read the repository")?;
+            let report = walferry_agent::list::report(&view);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).context("encode JSON")?
+                );
+            } else {
+                walferry_agent::list::print(&report);
+            }
+            Ok(())
+        }
         Command::Expire(_) => unbuilt("expire", "sidecar operations"),
     }
+}
+
+/// `run`: resolve settings (flags > WALFERRY_* > TOML), then stream, schedule and serve.
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use walferry_agent::daemon::{self, duration, FileSettings, Schedule};
+    let file = match &args.config {
+        Some(p) => FileSettings::load(p).map_err(|e| UsageError(format!("{e:#}")))?,
+        None => FileSettings::default(),
+    };
+    let usage = |e: anyhow::Error| anyhow::Error::new(UsageError(format!("{e:#}")));
+    let pick = |flag: Option<String>, file: Option<String>| flag.or(file);
+    let repo = pick(args.repo, file.repo).ok_or_else(|| {
+        UsageError("--repo URL (or WALFERRY_REPO, or repo in --config) is required".into())
+    })?;
+    let pg = pick(args.pg, file.pg).ok_or_else(|| {
+        UsageError("--pg CONNINFO (or WALFERRY_PG, or pg in --config) is required".into())
+    })?;
+    let mut repo_options: Vec<(String, String)> = file.repo_options.into_iter().collect();
+    for (k, v) in args.repo_options {
+        repo_options.retain(|(fk, _)| fk != &k);
+        repo_options.push((k, v));
+    }
+    let key = KeyArgs {
+        key_file: args.key_file.or(file.key_file),
+    };
+    let slot = pick(args.slot, file.slot).unwrap_or_else(|| "walferry".into());
+    let rpo = duration(
+        "--rpo",
+        &pick(args.rpo, file.rpo).unwrap_or_else(|| "1s".into()),
+    )
+    .map_err(usage)?;
+    let status_interval = duration(
+        "--status-interval",
+        &pick(args.status_interval, file.status_interval).unwrap_or_else(|| "10s".into()),
+    )
+    .map_err(usage)?;
+    let ready_max_lag = duration(
+        "--ready-max-lag",
+        &pick(args.ready_max_lag, file.ready_max_lag).unwrap_or_else(|| "60s".into()),
+    )
+    .map_err(usage)?;
+    let jitter = match pick(args.backup_jitter, file.backup_jitter) {
+        Some(j) => humantime::parse_duration(&j)
+            .map_err(|e| UsageError(format!("--backup-jitter: {e}")))?,
+        None => std::time::Duration::ZERO,
+    };
+    let schedule = match (
+        pick(args.backup_every, file.backup_every),
+        pick(args.backup_cron, file.backup_cron),
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(UsageError("choose one of backup_every and backup_cron".into()).into())
+        }
+        (Some(e), None) => Some(Schedule::Every(
+            duration("--backup-every", &e).map_err(usage)?,
+        )),
+        (None, Some(c)) => Some(Schedule::parse_cron(&c).map_err(usage)?),
+        (None, None) => None,
+    };
+    let listen: Option<std::net::SocketAddr> = pick(args.listen, file.listen)
+        .map(|l| {
+            l.parse()
+                .map_err(|e| UsageError(format!("--listen {l:?}: {e}")))
+        })
+        .transpose()?;
+    let retain_full = args.retain_full.or(file.retain_full);
+    let recovery_window = pick(args.recovery_window, file.recovery_window)
+        .map(|w| duration("--recovery-window", &w).map_err(usage))
+        .transpose()?;
+    let conninfo = ConnInfo::parse(&pg).map_err(|e| UsageError(format!("--pg: {e}")))?;
+    walferry_agent::pg::validate_slot_name(&slot)
+        .map_err(|e| UsageError(format!("--slot: {e}")))?;
+
+    let master = load_master_key(&key)?;
+    let r = Repository::open(&repo, repo_options).context("open the repository URL")?;
+    let location = r.location().to_string();
+    let (units, config) = Units::load(r, master.as_ref())
+        .await
+        .with_context(|| format!("open the repository at {location}"))?;
+    let metrics = std::sync::Arc::new(walferry_agent::metrics::Metrics::new(rpo));
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = listen {
+        let (m, s) = (metrics.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = daemon::serve_http(addr, m, ready_max_lag, s.clone()).await {
+                tracing::error!("{e:#}");
+                s.cancel();
+            }
+        });
+    }
+    let refresh: std::sync::Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync> = {
+        let (u, m) = (units.clone(), metrics.clone());
+        std::sync::Arc::new(move || {
+            let (u, m) = (u.clone(), m.clone());
+            Box::pin(async move { daemon::refresh_repo_gauges(&u, &m).await })
+        })
+    };
+    if retain_full.is_some() || recovery_window.is_some() {
+        tracing::warn!("retention settings are accepted but applied only by `walferry-agent expire` in this version");
+    }
+    if let Some(schedule) = schedule {
+        let (u, c, ci, m, s, f) = (
+            units.clone(),
+            config.clone(),
+            conninfo.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            refresh.clone(),
+        );
+        tasks.spawn(daemon::backup_loop(u, c, ci, schedule, jitter, m, f, s));
+    }
+    {
+        let (s, f) = (shutdown.clone(), refresh.clone());
+        tasks.spawn(async move {
+            loop {
+                f().await;
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(600)) => {}
+                }
+            }
+        });
+    }
+    let cfg = StreamConfig {
+        conninfo,
+        slot,
+        archiver: ArchiverConfig {
+            rpo,
+            metrics: metrics.clone(),
+            ..ArchiverConfig::default()
+        },
+        status_interval,
+        max_backoff: std::time::Duration::from_secs(30),
+    };
+    let result = walferry_agent::stream::run(units, cfg, shutdown.clone()).await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    match result? {
+        Some(lsn) => tracing::info!(durable = %lsn, "exiting"),
+        None => tracing::info!("exiting before streaming started"),
+    }
+    Ok(())
 }
 
 /// A byte counter: a progress bar on a terminal, a log line every few seconds otherwise.

@@ -248,6 +248,17 @@ async fn resume_point(
     Ok((tli, start))
 }
 
+/// Clears the streaming flag when a stream ends, however it ends.
+struct NotStreaming<'a>(&'a crate::metrics::Metrics);
+
+impl Drop for NotStreaming<'_> {
+    fn drop(&mut self) {
+        self.0
+            .streaming
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 enum TimelineEnd {
     Shutdown,
     ServerGone,
@@ -263,6 +274,7 @@ async fn stream_timeline(
     cfg: &StreamConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<TimelineEnd> {
+    let metrics = cfg.archiver.metrics.clone();
     let mut stream = conn
         .start_replication(Some(&cfg.slot), a.received(), a.timeline())
         .await
@@ -276,6 +288,10 @@ async fn stream_timeline(
                 classify(e)
             }
         })?;
+    metrics
+        .streaming
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let _not_streaming = NotStreaming(&metrics);
     let mut ticker = tokio::time::interval(cfg.status_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
@@ -298,19 +314,24 @@ async fn stream_timeline(
             _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => a.flush_part(),
             _ = ticker.tick() => report = true,
             ev = stream.next(), if a.has_capacity() => match ev.map_err(classify)? {
-                ReplicationEvent::XLogData { start, data, .. } => {
+                ReplicationEvent::XLogData { start, data, wal_end, .. } => {
+                    metrics.set_server_lsn(wal_end);
                     a.push(start, &data).map_err(|e| match e {
                         ArchiveError::NotContiguous { .. } => permanent(e),
                         e => anyhow::Error::new(e),
                     })?;
                 }
-                ReplicationEvent::Keepalive { reply_requested, .. } => report = reply_requested,
+                ReplicationEvent::Keepalive { reply_requested, wal_end, .. } => {
+                    metrics.set_server_lsn(wal_end);
+                    report = reply_requested;
+                }
                 ReplicationEvent::EndOfTimeline { next_tli, next_start } => {
                     return Ok(TimelineEnd::Next { next_tli, next_start });
                 }
                 ReplicationEvent::ServerShutdown => return Ok(TimelineEnd::ServerGone),
             },
         }
+        metrics.set_received(a.received());
         if report {
             stream
                 .send_status(a.received(), a.durable(), Lsn::INVALID, false)

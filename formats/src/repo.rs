@@ -87,6 +87,9 @@ pub enum PutOutcome {
 pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
+    /// When the store says the object was last written, if it says (retention's grace
+    /// period for packs that no manifest references yet).
+    pub last_modified: Option<jiff::Timestamp>,
 }
 
 #[derive(Clone, Debug)]
@@ -353,6 +356,11 @@ impl Repository {
                     .map_ok(|m| ObjectInfo {
                         key: self.relative(&m.location),
                         size: m.size,
+                        last_modified: jiff::Timestamp::new(
+                            m.last_modified.timestamp(),
+                            m.last_modified.timestamp_subsec_nanos() as i32,
+                        )
+                        .ok(),
                     })
                     .try_collect::<Vec<_>>()
                     .await

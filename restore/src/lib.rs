@@ -3,4 +3,5 @@
 pub mod materialize;
 pub mod plan;
 pub mod recovery;
+pub mod verify;
 pub mod walfetch;

@@ -96,17 +96,25 @@ pub async fn materialize(
     manifest: &BackupManifest,
     opts: &Options,
 ) -> anyhow::Result<Stats> {
-    let started_empty =
-        !opts.delta || std::fs::read_dir(&opts.pgdata).map_or(true, |mut d| d.next().is_none());
+    // On failure only what this run wrote is removed: never the contents of a directory
+    // that held files before (the live tablespace of the cluster that was backed up, when
+    // a restore on the same machine forgets --tablespace-map; a --delta target).
+    let pgdata_fresh = is_empty_or_absent(&opts.pgdata);
+    let fresh_tablespaces: Vec<PathBuf> = manifest
+        .tablespaces
+        .iter()
+        .filter_map(|t| tablespace_dir(manifest, opts, t.oid).ok())
+        .filter(|d| is_empty_or_absent(d))
+        .collect();
     let r = write_all(units, manifest, opts).await;
-    if r.is_err() && started_empty {
-        let _ = std::fs::remove_dir_all(&opts.pgdata);
-        for t in &manifest.tablespaces {
-            if let Ok(d) = tablespace_dir(manifest, opts, t.oid) {
-                if let Ok(rd) = std::fs::read_dir(&d) {
-                    for e in rd.flatten() {
-                        let _ = std::fs::remove_dir_all(e.path());
-                    }
+    if r.is_err() {
+        if pgdata_fresh {
+            let _ = std::fs::remove_dir_all(&opts.pgdata);
+        }
+        for d in &fresh_tablespaces {
+            if let Ok(rd) = std::fs::read_dir(d) {
+                for e in rd.flatten() {
+                    let _ = std::fs::remove_dir_all(e.path());
                 }
             }
         }
@@ -114,16 +122,33 @@ pub async fn materialize(
     r
 }
 
+fn is_empty_or_absent(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut it) => it.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
 async fn write_all(
     units: &Units,
     manifest: &BackupManifest,
     opts: &Options,
 ) -> anyhow::Result<Stats> {
-    create_dir(&opts.pgdata, 0o700)?;
+    // Every tablespace directory is checked before anything is written.
     for t in &manifest.tablespaces {
         let d = tablespace_dir(manifest, opts, t.oid)?;
-        check_target(&d, opts.delta)?;
-        create_dir(&d, 0o700)?;
+        check_target(&d, opts.delta).with_context(|| {
+            format!(
+                "tablespace {} goes to {}; to put it elsewhere, pass --tablespace-map {}=DIR",
+                t.oid,
+                d.display(),
+                t.oid
+            )
+        })?;
+    }
+    create_dir(&opts.pgdata, 0o700)?;
+    for t in &manifest.tablespaces {
+        create_dir(&tablespace_dir(manifest, opts, t.oid)?, 0o700)?;
     }
     // Directories and links first, then files; the three commit files last.
     let mut wanted: HashSet<PathBuf> = HashSet::new();

@@ -222,21 +222,16 @@ impl RestoredCluster {
         ]
     }
 
-    /// Restore into this directory to `target` (e.g. `["--to", "latest"]`), plus `extra`
-    /// flags (`--start`, `--delta`, ...). Fails unless walferry-restore exits 0.
-    pub fn restore(
-        &self,
-        repo: &RestoreRepo,
-        target: &[String],
-        extra: &[&str],
-    ) -> Result<RestoreRun> {
-        let mut args: Vec<String> = target.to_vec();
-        args.extend(self.restore_args());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        if extra.contains(&"--start") {
-            args.extend(["--start-timeout".into(), "90s".into()]);
+    /// `walferry-restore ARGS --pgdata DIR --pg-option ...` into this directory, where ARGS
+    /// hold the target (`--to latest`, `--to-lsn X/X`, ...) and flags (`--start`, `--delta`,
+    /// `--tablespace-map`). Fails unless walferry-restore exits 0.
+    pub fn restore(&self, repo: &RestoreRepo, args: &[String]) -> Result<RestoreRun> {
+        let mut all: Vec<String> = args.to_vec();
+        all.extend(self.restore_args());
+        if args.iter().any(|a| a == "--start") {
+            all.extend(["--start-timeout".into(), "90s".into()]);
         }
-        let run = repo.restore(&args)?;
+        let run = repo.restore(&all)?;
         if !run.status.success() {
             bail!("{run}\n--- recovery log ---\n{}", self.recovery_log());
         }
@@ -382,7 +377,7 @@ impl DataDump {
     }
 
     /// Lines only in `self`, and lines only in `other` (at most `max` of each).
-    pub fn diff(&self, other: &DataDump, max: usize) -> (Vec<&str>, Vec<&str>) {
+    pub fn diff<'a>(&'a self, other: &'a DataDump, max: usize) -> (Vec<&'a str>, Vec<&'a str>) {
         let a: std::collections::BTreeSet<&str> = self.0.iter().map(String::as_str).collect();
         let b: std::collections::BTreeSet<&str> = other.0.iter().map(String::as_str).collect();
         (

@@ -192,12 +192,7 @@ fn label_lsn(label: &str, key: &str) -> Lsn {
         .lines()
         .find_map(|l| l.strip_prefix(key))
         .unwrap_or_else(|| panic!("no {key} in backup_label:\n{label}"));
-    line.trim()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    line.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 fn manifest_json(c: &Collected) -> serde_json::Value {

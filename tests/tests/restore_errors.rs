@@ -184,8 +184,12 @@ fn unchanged<T>(dir: &Path, f: impl FnOnce() -> T) -> T {
         before == after,
         "{} changed: before {:?}, after {:?}",
         dir.display(),
-        before.as_ref().map(|b| b.keys().cloned().collect::<Vec<_>>()),
-        after.as_ref().map(|b| b.keys().cloned().collect::<Vec<_>>()),
+        before
+            .as_ref()
+            .map(|b| b.keys().cloned().collect::<Vec<_>>()),
+        after
+            .as_ref()
+            .map(|b| b.keys().cloned().collect::<Vec<_>>()),
     );
     r
 }
@@ -228,12 +232,22 @@ async fn targets_outside_the_window() {
     let after = pg_time(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600));
     let pgdata = f.occupied("after");
     let (st, out, err) = unchanged(&pgdata, || {
-        f.restore(&["--to", &after, "--pgdata", pgdata.to_str().unwrap(), "--delta"])
+        f.restore(&[
+            "--to",
+            &after,
+            "--pgdata",
+            pgdata.to_str().unwrap(),
+            "--delta",
+        ])
     });
     assert_exit(st, 1, &out, &err);
     assert_mentions(
         &err,
-        &["after the last commit", "restorable window is", "--to latest"],
+        &[
+            "after the last commit",
+            "restorable window is",
+            "--to latest",
+        ],
     );
 
     let past = Lsn(f.end.0 + (1 << 32)).to_string();
@@ -295,7 +309,10 @@ async fn key_problems_are_refused() {
     assert_exit(st, 1, &out, &err);
     assert_mentions(
         &err,
-        &["repository is encrypted; a master key is required", "--key-file"],
+        &[
+            "repository is encrypted; a master key is required",
+            "--key-file",
+        ],
     );
 
     let open = f.scratch.path().join("open.key");
@@ -344,7 +361,10 @@ async fn damaged_pack_fails_naming_pack_and_file() {
     let f = Fixture::new();
     let m = f.manifest().await;
     let (path, _, block) = needed_block(&m);
-    flip_byte(&f.object(&block.pack), block.offset + u64::from(block.len) / 2);
+    flip_byte(
+        &f.object(&block.pack),
+        block.offset + u64::from(block.len) / 2,
+    );
     for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
         let err = restore_fails(&f, &pgdata, &["--to", "latest"]);
         assert_mentions(&err, &[&block.pack, &path, "corrupt"]);
@@ -391,7 +411,8 @@ async fn truncated_pack_fails_naming_it() {
     let (_, _, block) = needed_block(&m);
     let obj = f.object(&block.pack);
     let file = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
-    file.set_len(block.offset + u64::from(block.len) / 2).unwrap();
+    file.set_len(block.offset + u64::from(block.len) / 2)
+        .unwrap();
     drop(file);
     for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
         let err = restore_fails(&f, &pgdata, &["--to", "latest"]);
@@ -405,10 +426,7 @@ async fn occupied_or_live_target_is_refused() {
     let f = Fixture::new();
     let pgdata = f.occupied("occupied");
     let err = restore_fails(&f, &pgdata, &["--to", "latest"]);
-    assert_mentions(
-        &err,
-        &[pgdata.to_str().unwrap(), "is not empty", "--delta"],
-    );
+    assert_mentions(&err, &[pgdata.to_str().unwrap(), "is not empty", "--delta"]);
 
     // The fixture's own running cluster.
     let live = f.pg.data_dir();
@@ -471,8 +489,9 @@ fn malformed_time_is_a_usage_error() {
             a.extend(["--to".into(), to.into(), "--pgdata".into()]);
             a.push(pgdata.display().to_string());
             let began = Instant::now();
-            let (st, out, err) =
-                unchanged(&pgdata, || run_walferry("walferry-restore", &a, &[]).unwrap());
+            let (st, out, err) = unchanged(&pgdata, || {
+                run_walferry("walferry-restore", &a, &[]).unwrap()
+            });
             assert_exit(st, 2, &out, &err);
             assert_mentions(&err, &["--to", to, want]);
             assert!(began.elapsed() < Duration::from_secs(10));
@@ -490,7 +509,9 @@ async fn missing_wal_segment_fails_the_plan() {
     for i in 0..3 {
         f.pg.psql(
             "postgres",
-            &format!("insert into after_backup select g from generate_series(1, 1000) g; select {i}"),
+            &format!(
+                "insert into after_backup select g from generate_series(1, 1000) g; select {i}"
+            ),
         )
         .unwrap();
         f.settle();

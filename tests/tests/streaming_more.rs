@@ -188,7 +188,7 @@ async fn follows_promotion() {
     );
     pg.psql(
         "postgres",
-        "insert into t select g, repeat('y', 100) from generate_series(1, 50000) g",
+        "insert into t select g, repeat('y', 100) from generate_series(1, 150000) g",
     )
     .unwrap();
     let end = switch_wal(&pg);
