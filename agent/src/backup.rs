@@ -419,13 +419,13 @@ fn read_one_archive(
             link,
             blocks: Vec::new(),
         };
-        if tablespace.is_none() && kind == EntryKind::File && path.starts_with("pg_wal/") {
-            // WAL shipped inside the backup goes where all WAL goes, not into blocks;
-            // archive_status markers are the server's business and are not restored.
-            let name = path.trim_start_matches("pg_wal/").to_string();
-            if name.contains('/') {
-                continue;
-            }
+        // WAL shipped inside the backup goes where all WAL goes, not into blocks.
+        // (archive_status markers are ordinary empty files: PostgreSQL's manifest lists them.)
+        let wal_name = path
+            .strip_prefix("pg_wal/")
+            .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()));
+        if let (None, EntryKind::File, Some(name)) = (tablespace, kind, wal_name) {
+            let name = name.to_string();
             let mut data = Vec::with_capacity(size as usize);
             entry
                 .read_to_end(&mut data)

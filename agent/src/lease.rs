@@ -192,6 +192,18 @@ fn host_name() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
+/// 48 random bits, from the standard library's per-process random hash keys.
+fn random_u48() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() & 0xFFFF_FFFF_FFFF
+}
+
 impl Lease {
     /// Who holds the writer lease now, if anyone (a released or expired record is returned
     /// too; check [`LeaseRecord::is_live`]).
@@ -222,9 +234,7 @@ impl Lease {
         }
         let host = host_name();
         let pid = std::process::id();
-        let mut nonce = [0u8; 6];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
-        let holder = format!("{host}:{pid}:{}", hex::encode(nonce));
+        let holder = format!("{host}:{pid}:{:012x}", random_u48());
         for _ in 0..8 {
             let epochs = list_epochs(repo).await?;
             let top = epochs.last().copied();
@@ -302,18 +312,84 @@ impl Lease {
         self.inner.ttl
     }
 
-    /// Cancelled when a renewal finds the lease lost (taken over after it expired).
-    /// Work done under the lease should stop when it fires.
+    /// Cancelled when a renewal finds the lease lost (taken over after it expired), or it
+    /// expired because renewals kept failing. Work done under the lease should stop when
+    /// it fires.
     pub fn lost_token(&self) -> CancellationToken {
         self.inner.lost.clone()
     }
 
     /// Extends the lease by its TTL from now (writes the next epoch).
     pub async fn renew(&self) -> Result<(), LeaseError> {
+        self.inner.renew().await
+    }
+
+    /// Fails unless the lease is still ours, renewing it first when less than two thirds
+    /// of its TTL are left. Call before each destructive step.
+    pub async fn ensure_held(&self) -> Result<(), LeaseError> {
         let mut st = self.inner.state.lock().await;
-        let r = self.renew_locked(&mut st).await;
-        if matches!(r, Err(LeaseError::Lost(_))) {
-            self.inner.lost.cancel();
+        if self.inner.lost.is_cancelled() {
+            return Err(LeaseError::Lost("a renewal found it taken".into()));
+        }
+        let left = st.record.expires_at.duration_since(Timestamp::now());
+        if left < ttl_span(self.inner.ttl.mul_f64(2.0 / 3.0)) {
+            self.inner.renew_checked(&mut st).await?;
+        }
+        Ok(())
+    }
+
+    /// Renews every third of the TTL in the background until the lease is released or
+    /// lost (then [`Lease::lost_token`] fires). A failed renewal is retried on the next
+    /// tick while the lease has not yet expired.
+    pub fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
+        let inner = self.inner.clone();
+        let every = (inner.ttl / 3).max(Duration::from_millis(200));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = inner.done.cancelled() => return,
+                    _ = inner.lost.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                match inner.renew().await {
+                    Ok(()) => {}
+                    Err(LeaseError::Lost(why)) => {
+                        if !inner.done.is_cancelled() {
+                            tracing::error!("the writer lease was lost: {why}");
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        let st = inner.state.lock().await;
+                        if !st.record.is_live(Timestamp::now()) {
+                            tracing::error!("the writer lease expired; renewing failed: {e}");
+                            inner.lost.cancel();
+                            return;
+                        }
+                        tracing::warn!("renewing the writer lease failed (will retry): {e}");
+                    }
+                }
+            }
+        })
+    }
+
+    /// Gives the lease up: writes a released record as the next epoch and removes ours.
+    pub async fn release(self) -> Result<(), LeaseError> {
+        self.inner.release().await
+    }
+}
+
+impl Inner {
+    async fn renew(&self) -> Result<(), LeaseError> {
+        let mut st = self.state.lock().await;
+        self.renew_checked(&mut st).await
+    }
+
+    /// Renews; a lost lease also fires the lost token.
+    async fn renew_checked(&self, st: &mut State) -> Result<(), LeaseError> {
+        let r = self.renew_locked(st).await;
+        if matches!(r, Err(LeaseError::Lost(_))) && !st.released {
+            self.lost.cancel();
         }
         r
     }
@@ -322,10 +398,10 @@ impl Lease {
         if st.released {
             return Err(LeaseError::Lost("it was released".into()));
         }
-        if self.inner.lost.is_cancelled() {
+        if self.lost.is_cancelled() {
             return Err(LeaseError::Lost("an earlier renewal found it taken".into()));
         }
-        let repo = &self.inner.repo;
+        let repo = &self.repo;
         let cur = st.record.epoch;
         match read_epoch(repo, cur).await? {
             Some(r) if r.holder == st.record.holder => {}
@@ -339,7 +415,7 @@ impl Lease {
         let next = LeaseRecord {
             epoch: cur + 1,
             renewed_at: now,
-            expires_at: now.saturating_add(ttl_span(self.inner.ttl)).unwrap_or(now),
+            expires_at: now.saturating_add(ttl_span(self.ttl)).unwrap_or(now),
             ..st.record.clone()
         };
         if !create(repo, &next).await? {
@@ -356,83 +432,24 @@ impl Lease {
             )));
         }
         st.record = next;
-        for old in epochs.iter().filter(|&&e| e < cur + 1) {
+        for old in epochs.iter().filter(|&&e| e <= cur) {
             repo.delete(&epoch_key(*old)).await?;
         }
         tracing::debug!(epoch = st.record.epoch, expires = %st.record.expires_at, "renewed the writer lease");
         Ok(())
     }
 
-    /// Fails unless the lease is still ours with at least a third of its TTL left,
-    /// renewing it first when less than two thirds are left. Call before each destructive step.
-    pub async fn ensure_held(&self) -> Result<(), LeaseError> {
-        let mut st = self.inner.state.lock().await;
-        if self.inner.lost.is_cancelled() {
-            return Err(LeaseError::Lost("a renewal found it taken".into()));
-        }
-        let left = st.record.expires_at.duration_since(Timestamp::now());
-        let two_thirds = ttl_span(self.inner.ttl.mul_f64(2.0 / 3.0));
-        if left < two_thirds {
-            let r = self.renew_locked(&mut st).await;
-            if matches!(r, Err(LeaseError::Lost(_))) {
-                self.inner.lost.cancel();
-            }
-            r?;
-        }
-        Ok(())
-    }
-
-    /// Renews every third of the TTL in the background until the lease is released or
-    /// lost (then [`Lease::lost_token`] fires). A failed renewal is retried on the next
-    /// tick while the lease has not yet expired.
-    pub fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
-        let lease = Lease {
-            inner: self.inner.clone(),
-        };
-        let every = (self.inner.ttl / 3).max(Duration::from_millis(200));
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = lease.inner.done.cancelled() => return,
-                    _ = lease.inner.lost.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                match lease.renew().await {
-                    Ok(()) => {}
-                    Err(LeaseError::Lost(why)) => {
-                        tracing::error!("the writer lease was lost: {why}");
-                        return;
-                    }
-                    Err(e) => {
-                        let st = lease.inner.state.lock().await;
-                        if !st.record.is_live(Timestamp::now()) {
-                            tracing::error!("the writer lease expired; renewing failed: {e}");
-                            lease.inner.lost.cancel();
-                            return;
-                        }
-                        tracing::warn!("renewing the writer lease failed (will retry): {e}");
-                    }
-                }
-            }
-        })
-    }
-
-    /// Gives the lease up: writes a released record as the next epoch and removes ours.
-    pub async fn release(self) -> Result<(), LeaseError> {
-        self.release_inner().await
-    }
-
-    async fn release_inner(&self) -> Result<(), LeaseError> {
-        let mut st = self.inner.state.lock().await;
+    async fn release(&self) -> Result<(), LeaseError> {
+        let mut st = self.state.lock().await;
         if st.released {
             return Ok(());
         }
         st.released = true;
-        self.inner.done.cancel();
-        if self.inner.lost.is_cancelled() {
+        self.done.cancel();
+        if self.lost.is_cancelled() {
             return Ok(());
         }
-        let repo = &self.inner.repo;
+        let repo = &self.repo;
         let cur = st.record.epoch;
         match read_epoch(repo, cur).await? {
             Some(r) if r.holder == st.record.holder => {}
@@ -456,29 +473,22 @@ impl Lease {
 }
 
 impl Drop for Lease {
+    /// Best effort: stops the keep-alive and releases in the background when a runtime is
+    /// there to run it. At process exit the lease may stay until it expires; call
+    /// [`Lease::release`] for a prompt hand-over.
     fn drop(&mut self) {
-        // Only the last handle (not keep_alive's clone) releases.
-        if Arc::strong_count(&self.inner) > 1 && !self.inner.done.is_cancelled() {
-            // keep_alive holds a clone: stop it; its handle drops right after.
-            self.inner.done.cancel();
-        }
-        let released = self
-            .inner
-            .state
-            .try_lock()
-            .map(|s| s.released)
-            .unwrap_or(true);
+        self.inner.done.cancel();
+        let released = self.inner.state.try_lock().map_or(true, |s| s.released);
         if released || self.inner.lost.is_cancelled() {
             return;
         }
-        self.inner.done.cancel();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let lease = Lease {
-                inner: self.inner.clone(),
-            };
+            let inner = self.inner.clone();
             handle.spawn(async move {
-                if let Err(e) = lease.release_inner().await {
-                    tracing::warn!("releasing the writer lease on drop failed (it expires by itself): {e}");
+                if let Err(e) = inner.release().await {
+                    tracing::warn!(
+                        "releasing the writer lease on drop failed (it expires by itself): {e}"
+                    );
                 }
             });
         }

@@ -277,6 +277,12 @@ async fn write_file(
         plan.push((offset, b, keep));
     }
     drop(existing);
+    // Tar archives do not always carry an entry for every parent directory.
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .with_context(|| format!("create directory {}", parent.display()))?;
+    }
     let mut file = tokio::fs::OpenOptions::new()
         .create(true)
         .write(true)

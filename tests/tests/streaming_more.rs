@@ -246,6 +246,10 @@ async fn follows_promotion() {
         .map(|n| pg_wal.join(n))
         .find(|p| p.exists())
         .unwrap_or_else(|| panic!("the server has no copy of {tl1_last_name}"));
+    eprintln!(
+        "switch point {switch}; the server's copy of timeline 1's last segment: {}",
+        server_copy.display()
+    );
     let theirs = std::fs::read(&server_copy).unwrap();
     assert!(
         tl1_last[..switch_off] == theirs[..switch_off],
@@ -414,7 +418,7 @@ async fn store_outage_holds_the_slot() {
     let written = blocking(move || {
         p.psql(
             "postgres",
-            "insert into t select g, repeat('b', 100) from generate_series(1, 100000) g",
+            "insert into t select g, repeat('b', 100) from generate_series(1, 250000) g",
         )
         .unwrap();
         current_lsn(&p)
@@ -451,6 +455,10 @@ async fn store_outage_holds_the_slot() {
         samples.push(r);
     }
     assert!(samples.len() >= 4, "{samples:?}");
+    eprintln!(
+        "outage: stored end {stored}, server wrote to {written}, slot samples {samples:?}, {:?}",
+        faulty.stats()
+    );
     assert_eq!(
         stored_end(&real).await.1,
         stored,
