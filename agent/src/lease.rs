@@ -102,9 +102,15 @@ impl std::fmt::Display for LeaseRecord {
             self.purpose,
             self.pid,
             self.host,
-            self.acquired_at.round(jiff::Unit::Second).unwrap_or(self.acquired_at),
-            self.renewed_at.round(jiff::Unit::Second).unwrap_or(self.renewed_at),
-            self.expires_at.round(jiff::Unit::Second).unwrap_or(self.expires_at),
+            self.acquired_at
+                .round(jiff::Unit::Second)
+                .unwrap_or(self.acquired_at),
+            self.renewed_at
+                .round(jiff::Unit::Second)
+                .unwrap_or(self.renewed_at),
+            self.expires_at
+                .round(jiff::Unit::Second)
+                .unwrap_or(self.expires_at),
         )
     }
 }

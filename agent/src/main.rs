@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use walferry_agent::archive::ArchiverConfig;
@@ -112,8 +112,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// [not built yet] Apply retention: remove backups, WAL and packs no longer needed.
-    Expire(Unbuilt),
+    /// Apply retention: delete the backups the policy lets go, then the packs and WAL only they needed.
+    ///
+    /// Keeps the newest N backups (--retain-full) and/or every backup a restore to any moment
+    /// of the last --recovery-window needs; with both, a backup goes only when both let it
+    /// go. WAL from the oldest kept backup's start on is never deleted. Packs no manifest
+    /// references are deleted only once older than --pack-grace (a running backup writes
+    /// its packs before its manifest). Deletes only while holding the repository's writer
+    /// lease; refuses, naming the holder, while another writer holds it.
+    Expire {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Keep the newest N backups (N >= 1).
+        #[arg(long, env = "WALFERRY_RETAIN_FULL", value_name = "N")]
+        retain_full: Option<usize>,
+        /// Keep every moment of this last stretch of time restorable, e.g. 30d, 12h.
+        #[arg(long, env = "WALFERRY_RECOVERY_WINDOW", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        recovery_window: Option<std::time::Duration>,
+        /// Packs that no manifest references are deleted only when older than this.
+        #[arg(long, default_value = "6h", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        pack_grace: std::time::Duration,
+        /// Print what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `run`'s settings; each may also come from the --config TOML file (same names, with
@@ -189,13 +216,6 @@ struct KeyArgs {
     /// File holding the master key (64 hex characters, mode 0600). Or set WALFERRY_KEY.
     #[arg(long, env = "WALFERRY_KEY_FILE", value_name = "FILE")]
     key_file: Option<PathBuf>,
-}
-
-/// Accepts and ignores the arguments of a command that is not built yet.
-#[derive(Args)]
-struct Unbuilt {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
 }
 
 fn parse_option(s: &str) -> Result<(String, String), String> {
@@ -322,7 +342,47 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Expire(_) => unbuilt("expire", "sidecar operations"),
+        Command::Expire {
+            repo,
+            key,
+            retain_full,
+            recovery_window,
+            pack_grace,
+            dry_run,
+            json,
+        } => {
+            use walferry_agent::lease::{Lease, DEFAULT_TTL};
+            use walferry_agent::retention::{self, RetentionPolicy};
+            let policy = RetentionPolicy {
+                retain_full,
+                recovery_window,
+            };
+            policy.validate().map_err(UsageError)?;
+            let units = open_units(repo, &key).await?;
+            let plan = if dry_run {
+                retention::load_plan(&units, &policy, pack_grace).await?
+            } else {
+                let lease = Lease::acquire(units.repo(), "expire", DEFAULT_TTL)
+                    .await
+                    .context("take the repository's writer lease")?;
+                let renewing = lease.keep_alive();
+                let applied = retention::apply(&units, &policy, pack_grace, &lease).await;
+                renewing.abort();
+                if let Err(e) = lease.release().await {
+                    tracing::warn!("release the writer lease (it expires by itself): {e}");
+                }
+                applied?
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&plan).context("encode JSON")?
+                );
+            } else {
+                retention::print(&plan);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -535,10 +595,6 @@ fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
         token.cancel();
     });
     Ok(())
-}
-
-fn unbuilt(name: &str, part: &str) -> anyhow::Result<()> {
-    bail!("`walferry-agent {name}` is not built yet in this version (it arrives with {part}); nothing was done")
 }
 
 fn keygen(out: Option<&Path>) -> anyhow::Result<()> {

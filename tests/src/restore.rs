@@ -364,7 +364,12 @@ impl DataDump {
         let mut lines: Vec<String> = String::from_utf8(out.stdout)
             .context("pg_dump output is not UTF-8")?
             .lines()
-            .filter(|l| !l.trim().is_empty())
+            // `\restrict KEY` / `\unrestrict KEY` (pg_dump 15.14+) carry a random key.
+            .filter(|l| {
+                !l.trim().is_empty()
+                    && !l.starts_with("\\restrict")
+                    && !l.starts_with("\\unrestrict")
+            })
             .map(str::to_string)
             .collect();
         lines.sort();

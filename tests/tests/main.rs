@@ -13,6 +13,7 @@
 mod basebackup_protocol;
 mod cli;
 mod conformance;
+mod daemon;
 mod pitr;
 mod replication;
 mod restore_errors;

@@ -137,6 +137,13 @@ async fn follows_promotion() {
     wait_durable(&pg, "walferry", tl1_sealed_end, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
 
+    // Some WAL in the next segment too, so the switch point lands well inside it.
+    pg.psql(
+        "postgres",
+        "insert into t select g, repeat('w', 100) from generate_series(1, 8000) g",
+    )
+    .unwrap();
+
     // Restart as a standby of nobody: it replays its own WAL and waits; the agent
     // reconnects to it (a cascading walsender) on timeline 1.
     pg.stop().unwrap();
@@ -181,10 +188,11 @@ async fn follows_promotion() {
     assert_eq!(
         pg.psql(
             "postgres",
-            "select timeline_id from pg_control_checkpoint()"
+            "select substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"
         )
         .unwrap(),
-        "2"
+        "00000002",
+        "the promoted server writes on timeline 2"
     );
     pg.psql(
         "postgres",
