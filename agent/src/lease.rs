@@ -500,3 +500,179 @@ impl Drop for Lease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn repos() -> (tempfile::TempDir, Vec<Repository>) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = format!("file://{}/repo", dir.path().display());
+        let none = Vec::<(String, String)>::new();
+        let repos = vec![
+            Repository::open("memory:///", none.clone()).unwrap(),
+            Repository::open(&file, none).unwrap(),
+        ];
+        (dir, repos)
+    }
+
+    async fn epochs(repo: &Repository) -> Vec<u64> {
+        list_epochs(repo).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn second_writer_is_refused_naming_the_holder_until_release() {
+        let (_d, repos) = repos();
+        for repo in repos {
+            let a = Lease::acquire(&repo, "expire", DEFAULT_TTL).await.unwrap();
+            let holder = a.record().await.holder;
+            assert!(
+                holder.contains(&format!(":{}:", std::process::id())),
+                "{holder}"
+            );
+            let e = Lease::acquire(&repo, "backup", DEFAULT_TTL)
+                .await
+                .err()
+                .unwrap();
+            let msg = e.to_string();
+            assert!(matches!(e, LeaseError::Held(_)), "{msg}");
+            assert!(
+                msg.contains(&holder) && msg.contains("purpose expire"),
+                "{msg}"
+            );
+            assert!(msg.contains("expires"), "{msg}");
+            let cur = Lease::current(&repo).await.unwrap().unwrap();
+            assert!(cur.is_live(Timestamp::now()) && cur.holder == holder);
+            a.release().await.unwrap();
+            // One released record remains; epochs only grow.
+            let after = epochs(&repo).await;
+            assert_eq!(after.len(), 1);
+            let cur = Lease::current(&repo).await.unwrap().unwrap();
+            assert!(cur.released && !cur.is_live(Timestamp::now()));
+            let b = Lease::acquire(&repo, "backup", DEFAULT_TTL).await.unwrap();
+            let rb = b.record().await;
+            assert!(rb.epoch > after[0] && rb.purpose == "backup");
+            assert_eq!(epochs(&repo).await, [rb.epoch]);
+            b.release().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn renewal_writes_new_epochs_and_keeps_others_out() {
+        let (_d, repos) = repos();
+        for repo in repos {
+            let ttl = Duration::from_secs(1);
+            let a = Lease::acquire(&repo, "run", ttl).await.unwrap();
+            let first = a.record().await;
+            let keep = a.keep_alive();
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                assert!(matches!(
+                    Lease::acquire(&repo, "expire", ttl).await,
+                    Err(LeaseError::Held(_))
+                ));
+            }
+            let now = a.record().await;
+            assert!(now.epoch > first.epoch + 2, "{} {}", now.epoch, first.epoch);
+            assert_eq!(now.acquired_at, first.acquired_at);
+            assert!(now.expires_at > first.expires_at);
+            // Old epochs are cleaned up as it goes.
+            assert!(epochs(&repo).await.len() <= 2);
+            a.ensure_held().await.unwrap();
+            assert!(!a.lost_token().is_cancelled());
+            a.release().await.unwrap();
+            keep.await.unwrap();
+            Lease::acquire(&repo, "expire", ttl)
+                .await
+                .unwrap()
+                .release()
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over_and_its_old_holder_finds_out() {
+        let (_d, repos) = repos();
+        for repo in repos {
+            let ttl = Duration::from_secs(1);
+            let stale = Lease::acquire(&repo, "backup", ttl).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let b = Lease::acquire(&repo, "expire", DEFAULT_TTL).await.unwrap();
+            let rb = b.record().await;
+            // The stale holder cannot renew, sees the loss, and its release leaves b alone.
+            assert!(matches!(stale.renew().await, Err(LeaseError::Lost(_))));
+            assert!(stale.lost_token().is_cancelled());
+            assert!(matches!(
+                stale.ensure_held().await,
+                Err(LeaseError::Lost(_))
+            ));
+            stale.release().await.unwrap();
+            let cur = Lease::current(&repo).await.unwrap().unwrap();
+            assert_eq!(cur.holder, rb.holder);
+            assert!(cur.is_live(Timestamp::now()));
+            b.renew().await.unwrap();
+            b.release().await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn exactly_one_of_many_contenders_wins() {
+        let (_d, repos) = repos();
+        for repo in repos {
+            for round in 0..3 {
+                let tasks: Vec<_> = (0..8)
+                    .map(|i| {
+                        let repo = repo.clone();
+                        tokio::spawn(async move {
+                            Lease::acquire(&repo, &format!("c{i}"), DEFAULT_TTL).await
+                        })
+                    })
+                    .collect();
+                let mut won = Vec::new();
+                for t in tasks {
+                    match t.await.unwrap() {
+                        Ok(l) => won.push(l),
+                        Err(LeaseError::Held(_)) => {}
+                        Err(e) => panic!("round {round}: {e}"),
+                    }
+                }
+                assert_eq!(won.len(), 1, "round {round}");
+                let winner = won.pop().unwrap();
+                let cur = Lease::current(&repo).await.unwrap().unwrap();
+                assert_eq!(cur.holder, winner.record().await.holder);
+                winner.release().await.unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_releases_in_the_background() {
+        let (_d, repos) = repos();
+        for repo in repos {
+            let a = Lease::acquire(&repo, "expire", DEFAULT_TTL).await.unwrap();
+            let _keep = a.keep_alive();
+            drop(a);
+            let mut free = false;
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Ok(b) = Lease::acquire(&repo, "expire", DEFAULT_TTL).await {
+                    b.release().await.unwrap();
+                    free = true;
+                    break;
+                }
+            }
+            assert!(free, "the dropped lease was not released");
+        }
+    }
+
+    #[tokio::test]
+    async fn ttl_below_a_second_is_refused() {
+        let repo = Repository::open("memory:///", Vec::<(String, String)>::new()).unwrap();
+        assert!(matches!(
+            Lease::acquire(&repo, "x", Duration::from_millis(10)).await,
+            Err(LeaseError::BadTtl)
+        ));
+    }
+}

@@ -860,7 +860,15 @@ mod tests {
         // A window older than every backup keeps all.
         let p = plan(&v, &l, &pol(24 * 30), DEFAULT_PACK_GRACE, ts(NOW));
         assert_eq!(ids(&p.kept_backups), ["b1", "b2", "b3"]);
-        assert!(p.deleted_backups.is_empty() && p.deleted_wal.is_empty());
+        assert!(p.deleted_backups.is_empty());
+        // Only the WAL from before the oldest backup goes.
+        assert_eq!(
+            keys(&p.deleted_wal),
+            [
+                segment_key(T1, SegmentNo(1), S),
+                segment_index_key(T1, SegmentNo(1), S)
+            ]
+        );
         // Both rules: the union is kept.
         let both = RetentionPolicy {
             retain_full: Some(3),

@@ -595,3 +595,66 @@ async fn sigterm_during_load_reports_final_flush() {
         assert!(ours[off..].iter().all(|b| *b == 0));
     }
 }
+
+/// A unit the repository refuses for good (here: a different object already sits under
+/// the segment's name) must stop the streamer. The durable position, and with it the
+/// slot, never moves past the refused WAL, even though later parts would store fine.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_segment_is_never_reported() {
+    let pg = cluster();
+    let repo = Repo::init(file_target().unwrap());
+    let log = pg.root_dir().join("agent.log");
+    let mut agent = repo.agent(&pg.superuser_conninfo(), &log, &[]);
+    let start = current_lsn(&pg);
+    wait_until("the agent to stream", Duration::from_secs(30), || {
+        restart_lsn(&pg, "walferry").is_some()
+    });
+    // Plant foreign bytes under the name of a segment the server has not written yet.
+    // Its parts store fine, but the sealed segment (the only copy of its tail) is refused.
+    let bad = SegmentNo(start.segment(SEG).0 + 2);
+    let bad_end = Lsn(bad.start_lsn(SEG).unwrap().0 + SEG.bytes());
+    let units = repo.units().await;
+    units
+        .repo()
+        .put(
+            &segment_key(TimelineId(1), bad, SEG),
+            bytes::Bytes::from_static(b"not this segment"),
+        )
+        .await
+        .unwrap();
+    pg.psql(
+        "postgres",
+        "create table t (id int, v text); \
+         insert into t select g, repeat('r', 100) from generate_series(1, 400000) g",
+    )
+    .unwrap();
+    let written = current_lsn(&pg);
+    assert!(written.0 > bad_end.0 + SEG.bytes(), "{written}");
+    // The agent gives up with the conflict; meanwhile the slot stays inside the bad segment.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let r = restart_lsn(&pg, "walferry").unwrap();
+        assert!(
+            r < bad_end,
+            "the slot moved to {r}, past {bad_end}, but the end of that segment was never stored\n{}",
+            agent.log()
+        );
+        if !agent.is_running() {
+            break agent.wait(Duration::from_secs(1)).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent keeps running after a permanent store error\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = agent.log();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("already exists with different contents"),
+        "{text}"
+    );
+    let r = restart_lsn(&pg, "walferry").unwrap();
+    assert!(r < bad_end, "{r} >= {bad_end}");
+}

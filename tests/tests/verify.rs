@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use walferry_formats::backup::{BackupManifest, BlockRef, ZERO_BLOCK};
-use walferry_formats::envelope::Kind;
 use walferry_formats::layout::{parse_wal_key, WalObject};
 use walferry_formats::view::RepoView;
 use walferry_formats::{Lsn, TimelineId, Units};
@@ -97,13 +96,18 @@ impl Fixture {
     /// A few commits, 300 ms apart.
     fn commits(&self, tag: &str, n: usize) {
         self.pg
-            .psql("postgres", "create table if not exists marks(tag text, at timestamptz)")
+            .psql(
+                "postgres",
+                "create table if not exists marks(tag text, at timestamptz)",
+            )
             .unwrap();
         for i in 0..n {
             self.pg
                 .psql(
                     "postgres",
-                    &format!("insert into marks select '{tag}{i}', now() from generate_series(1, 2000)"),
+                    &format!(
+                        "insert into marks select '{tag}{i}', now() from generate_series(1, 2000)"
+                    ),
                 )
                 .unwrap();
             std::thread::sleep(Duration::from_millis(300));
@@ -151,7 +155,10 @@ impl Fixture {
     }
 
     fn repo_dir(&self) -> PathBuf {
-        url::Url::parse(&self.url()).unwrap().to_file_path().unwrap()
+        url::Url::parse(&self.url())
+            .unwrap()
+            .to_file_path()
+            .unwrap()
     }
 
     /// A fresh copy of the repository, to damage.
@@ -258,7 +265,11 @@ impl RepoCopy {
                 if p.is_dir() {
                     stack.push(p);
                 } else {
-                    let rel = p.strip_prefix(&self.dir).unwrap().to_string_lossy().to_string();
+                    let rel = p
+                        .strip_prefix(&self.dir)
+                        .unwrap()
+                        .to_string_lossy()
+                        .to_string();
                     out.insert(rel);
                 }
             }
@@ -430,7 +441,12 @@ async fn intact_repository_passes() {
     // The human report.
     let run = c.verify(true, &["--full"]);
     assert_eq!(run.code, 0, "{run}");
-    for want in ["result: intact", "restorable windows", &windows[0].from, "restorable\n"] {
+    for want in [
+        "result: intact",
+        "restorable windows",
+        &windows[0].from,
+        "restorable\n",
+    ] {
         assert!(run.stdout.contains(want), "{want:?} in:\n{run}");
     }
 }
@@ -450,7 +466,10 @@ async fn tamper_matrix() {
     let packs_b = truth.packs_of(&b);
     let shared: Vec<&String> = packs_a.intersection(&packs_b).collect();
     let only_b: Vec<&String> = packs_b.difference(&packs_a).collect();
-    assert!(!shared.is_empty() && !only_b.is_empty(), "{packs_a:?} {packs_b:?}");
+    assert!(
+        !shared.is_empty() && !only_b.is_empty(),
+        "{packs_a:?} {packs_b:?}"
+    );
     let b_end = truth.manifests[&b].end_lsn;
     let b_finished = truth.manifests[&b].finished_at.clone();
 
@@ -507,13 +526,18 @@ async fn tamper_matrix() {
             let r = c.report(true, args, 1);
             let d = damaged(&r, only_b[0]);
             assert_eq!(d.status, "corrupt");
-            assert!(d.problem.contains(&format!("offset {}", blk.offset)), "{d:#?}");
+            assert!(
+                d.problem.contains(&format!("offset {}", blk.offset)),
+                "{d:#?}"
+            );
             assert_eq!(d.affects.backups, vec![b.clone()]);
             assert_eq!(r.damaged.len(), 1, "{r:#?}");
         }
         let r = c.report(false, &[], 1);
         assert_eq!(r.damaged.len(), 1, "{r:#?}");
-        assert!(damaged(&r, only_b[0]).problem.contains("not a valid block envelope"));
+        assert!(damaged(&r, only_b[0])
+            .problem
+            .contains("not a valid block envelope"));
     }
     // 5. A flipped byte in a manifest.
     {
@@ -537,11 +561,14 @@ async fn tamper_matrix() {
         .into_iter()
         .filter(|(s, e, _)| *s > b_end && e.0 - s.0 == SEG.bytes())
         .map(|(s, e, t)| {
-            let key = format!("wal/00000001/{}", walferry_formats::WalFileName::Segment {
-                tli: TimelineId(1),
-                segno: s.segment(SEG),
-            }
-            .format(SEG));
+            let key = format!(
+                "wal/00000001/{}",
+                walferry_formats::WalFileName::Segment {
+                    tli: TimelineId(1),
+                    segno: s.segment(SEG),
+                }
+                .format(SEG)
+            );
             (key, s, e, t)
         })
         .collect();
@@ -549,14 +576,18 @@ async fn tamper_matrix() {
     {
         let (key, start, _, _) = &sealed_after[0];
         let c = f.copy("flip-segment");
-        flip_byte(&c.path(key), 100_000);
+        let len = std::fs::metadata(c.path(key)).unwrap().len();
+        flip_byte(&c.path(key), len / 2);
         let lost = vec![window(1, truth.last_commit_before(*start), &ideal_to)];
         for args in [&[][..], &["--deep"]] {
             let r = c.report(true, args, 1);
             let d = damaged(&r, key);
             assert!(d.affects.backups.is_empty(), "{d:#?}");
             assert_eq!(d.affects.window, lost, "{args:?}");
-            assert_eq!(r.windows, vec![window(1, &ideal_from, truth.last_commit_before(*start))]);
+            assert_eq!(
+                r.windows,
+                vec![window(1, &ideal_from, truth.last_commit_before(*start))]
+            );
         }
         let r = c.report(false, &[], 1);
         damaged(&r, key);
@@ -566,11 +597,14 @@ async fn tamper_matrix() {
     {
         let m = &truth.manifests[&b];
         let seg = m.start_lsn.segment(SEG);
-        let key = format!("wal/00000001/{}", walferry_formats::WalFileName::Segment {
-            tli: TimelineId(1),
-            segno: seg,
-        }
-        .format(SEG));
+        let key = format!(
+            "wal/00000001/{}",
+            walferry_formats::WalFileName::Segment {
+                tli: TimelineId(1),
+                segno: seg,
+            }
+            .format(SEG)
+        );
         let c = f.copy("delete-segment");
         std::fs::remove_file(c.path(&key)).unwrap();
         let r = c.report(true, &[], 1);
@@ -595,7 +629,9 @@ async fn tamper_matrix() {
         let key = parts
             .iter()
             .find(|k| match parse_wal_key(k, SEG) {
-                Some(WalObject::Part { segno, from, to, .. }) => {
+                Some(WalObject::Part {
+                    segno, from, to, ..
+                }) => {
                     let s = segno.start_lsn(SEG).unwrap().0;
                     Lsn(s + from) == last.start && Lsn(s + to) == last.end
                 }
@@ -625,7 +661,10 @@ async fn tamper_matrix() {
         swap(&c.path(k1), &c.path(k2));
         let r = c.report(true, &["--deep"], 1);
         for k in [k1, k2] {
-            assert!(damaged(&r, k).problem.contains("authentication failed"), "{r:#?}");
+            assert!(
+                damaged(&r, k).problem.contains("authentication failed"),
+                "{r:#?}"
+            );
         }
         assert_eq!(
             damaged(&r, k1).affects.window,
@@ -642,7 +681,10 @@ async fn tamper_matrix() {
             let d = damaged(&r, p);
             assert!(d.problem.contains("trailer"), "{d:#?}");
         }
-        assert_eq!(damaged(&r, shared[0]).affects.backups, vec![a.clone(), b.clone()]);
+        assert_eq!(
+            damaged(&r, shared[0]).affects.backups,
+            vec![a.clone(), b.clone()]
+        );
         assert!(r.windows.is_empty(), "{r:#?}");
     }
 }
@@ -679,7 +721,11 @@ async fn incremental_runs_read_only_new_objects() {
     assert!(r2.mode.incremental, "{r2:#?}");
     assert_eq!(r2.mode.since, r1.record);
     let k = &r2.checked;
-    assert_eq!((k.manifests, k.packs, k.wal_segments, k.trailers), (0, 0, 0, 0), "{r2:#?}");
+    assert_eq!(
+        (k.manifests, k.packs, k.wal_segments, k.trailers),
+        (0, 0, 0, 0),
+        "{r2:#?}"
+    );
     assert_eq!(k.wal_parts, count(&before, parts));
     assert_eq!(k.wal_index, count(&before, part_index));
     assert!(k.skipped >= 2 + packs0 + count(&before, sealed), "{r2:#?}");
@@ -730,14 +776,23 @@ async fn incremental_runs_read_only_new_objects() {
     assert_eq!(r5.checked.packs as usize, c.packs().len());
     assert_eq!(r5.checked.wal_segments, count(&after, sealed));
     let r6 = c.report(true, &["--deep"], 0);
-    assert_eq!((r6.checked.packs, r6.checked.wal_segments), (0, 0), "{r6:#?}");
+    assert_eq!(
+        (r6.checked.packs, r6.checked.wal_segments),
+        (0, 0),
+        "{r6:#?}"
+    );
 
     // Old records are pruned: a few are kept.
-    let records = c.keys().into_iter().filter(|k| k.starts_with("verify/")).count();
+    let records = c
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("verify/"))
+        .count();
     assert!((1..=3).contains(&records), "{records}");
 
     // A verified pack changed in place: the incremental run notices and reads it.
-    let p = &c.packs()[0];
+    let p = truth.packs_of(&f.backups[2]).into_iter().next().unwrap();
+    let p = &p;
     let blk = truth.block_in(&f.backups[2], p);
     flip_byte(&c.path(p), blk.offset + 50);
     let r7 = c.report(true, &[], 1);
@@ -783,7 +838,11 @@ async fn missing_history_after_promotion() {
         .unwrap()
         != "1"
     {
-        assert!(Instant::now() < deadline, "the agent did not reconnect:\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not reconnect:\n{}",
+            agent.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let out = pg
@@ -793,7 +852,11 @@ async fn missing_history_after_promotion() {
         .args(["-w", "promote"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for i in 0..3 {
         pg.psql("postgres", &format!("create table u{i} as select 1 as x"))
             .unwrap();
@@ -805,7 +868,10 @@ async fn missing_history_after_promotion() {
     let st = agent.terminate(Duration::from_secs(30)).unwrap();
     assert_eq!(st.code(), Some(0), "{}", agent.log());
 
-    let dir = url::Url::parse(&repo.args()[1]).unwrap().to_file_path().unwrap();
+    let dir = url::Url::parse(&repo.args()[1])
+        .unwrap()
+        .to_file_path()
+        .unwrap();
     let key = {
         let a = repo.args();
         PathBuf::from(&a[a.iter().position(|x| x == "--key-file").unwrap() + 1])
@@ -816,7 +882,11 @@ async fn missing_history_after_promotion() {
     };
     let truth = Truth::read(&intact).await;
     let windows = truth.windows();
-    let tl2: Vec<Window> = windows.iter().filter(|w| w.timeline == 2).cloned().collect();
+    let tl2: Vec<Window> = windows
+        .iter()
+        .filter(|w| w.timeline == 2)
+        .cloned()
+        .collect();
     assert_eq!(tl2.len(), 1, "{windows:?}");
     for args in [&[][..], &["--deep"]] {
         let r = intact.report(true, args, 0);
