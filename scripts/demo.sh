@@ -19,7 +19,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD= PLAIN=; fi
+say() { printf '\n%s==> %s%s\n' "$BOLD" "$*" "$PLAIN"; }
 note() { printf '    %s\n' "$*"; }
 die() { printf '\ndemo: %s\n' "$*" >&2; exit 1; }
 
@@ -67,13 +68,14 @@ REPO_DIR=$WORK/repo
 REPO=file://$REPO_DIR
 KEY=$WORK/master.key
 AGENT_LOG=$WORK/agent.log
-mkdir -p "$SOCK" "$WORK/bin"
+SRC_LOG=$WORK/logs/source.log
+mkdir -p "$SOCK" "$WORK/bin" "$WORK/logs"
 # restore_command runs `walferry-restore wal-fetch` as the server's user: give it a copy
 # of the binaries it can read, wherever this checkout lives.
 install -m 755 "$TARGET_DIR/release/walferry-agent" "$TARGET_DIR/release/walferry-restore" "$WORK/bin/"
 AGENT=$WORK/bin/walferry-agent
 RESTORE=$WORK/bin/walferry-restore
-chown "$PGUSER_OS" "$SOCK"
+chown "$PGUSER_OS" "$SOCK" "$WORK/logs"
 
 # Both servers listen only on the private socket dir, so any port numbers work; pick
 # two distinct ones anyway so that the two clusters are easy to tell apart.
@@ -98,7 +100,7 @@ cleanup() {
   if [ "$rc" -ne 0 ]; then
     echo
     echo "demo FAILED (exit $rc). Last lines of the logs:"
-    for f in "$AGENT_LOG" "$SRC.log" "$DST/walferry-recovery.log"; do
+    for f in "$AGENT_LOG" "$SRC_LOG" "$DST/walferry-recovery.log"; do
       [ -f "$f" ] && { echo "--- $f"; tail -n 15 "$f"; }
     done
   fi
@@ -118,7 +120,7 @@ psql_at() { # PORT SQL
 show() { # PORT SQL: print the query and its result
   printf '    %s=# %s\n' "$1" "$2"
   as_pg "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$SOCK" -p "$1" -U postgres -d postgres -c "$2" |
-    sed 's/^/      /'
+    sed -e '/^$/d' -e 's/^/      /'
 }
 
 # ---- 2. a throwaway cluster ---------------------------------------------------------------
@@ -133,8 +135,7 @@ listen_addresses = ''
 unix_socket_directories = '$SOCK'
 port = $PORT_SRC
 EOF
-as_pg "$BIN/pg_ctl" -D "$SRC" -l "$SRC.log" -w start >/dev/null
-touch "$SRC.log"
+as_pg "$BIN/pg_ctl" -D "$SRC" -l "$SRC_LOG" -w start >/dev/null
 note "wal_level=$(psql_at "$PORT_SRC" 'show wal_level'), max_wal_senders=$(psql_at "$PORT_SRC" 'show max_wal_senders'): ready for streaming replication"
 
 # ---- 3. repository and agent --------------------------------------------------------------
@@ -200,7 +201,7 @@ say "What the repository holds: walferry-agent list"
 "$AGENT" list --repo "$REPO" --key-file "$KEY" 2>/dev/null | sed 's/^/    /'
 
 # ---- 6. restore to T ----------------------------------------------------------------------
-say "Restore to T: walferry-restore --repo $REPO --key-file master.key --to '$T' --pgdata $DST --start --pg-option port=$PORT_DST"
+say "Restore to T: walferry-restore --repo $REPO --key-file master.key --to '$T' --pgdata $DST --start --pg-option port=$PORT_DST --pg-option unix_socket_directories=$SOCK"
 if ! "$RESTORE" --repo "$REPO" --key-file "$KEY" --to "$T" --pgdata "$DST" --start \
   --pg-option "port=$PORT_DST" --pg-option "unix_socket_directories=$SOCK" 2>&1 | sed 's/^/    /'; then
   die "restore failed"

@@ -77,6 +77,8 @@ pub enum ArchiveError {
     Store(#[from] Error),
     #[error("an upload task failed: {0}")]
     Task(String),
+    #[error("an earlier WAL upload failed for good ({0}); nothing after it can count as stored")]
+    Failed(String),
 }
 
 pub struct Archiver {
@@ -96,6 +98,9 @@ pub struct Archiver {
     cleanups: VecDeque<JoinHandle<()>>,
     received: Lsn,
     durable: Lsn,
+    /// Set once an upload failed for good. Its bytes are not stored, so no later upload may
+    /// move the durable LSN (that would report a gap as stored).
+    failed: Option<String>,
 }
 
 impl Archiver {
@@ -133,6 +138,7 @@ impl Archiver {
             cleanups: VecDeque::new(),
             received: start,
             durable: start,
+            failed: None,
         };
         // Records that ended inside the prefix were indexed with earlier parts, but belong
         // in the sealed segment's index too.
@@ -312,11 +318,24 @@ impl Archiver {
     }
 
     /// Waits for the oldest upload; returns the new durable LSN. Call only when [`has_pending`](Self::has_pending).
+    /// After an upload failed for good, every call fails: the durable LSN stays before it.
     pub async fn next_durable(&mut self) -> Result<Lsn, ArchiveError> {
+        if let Some(why) = &self.failed {
+            return Err(ArchiveError::Failed(why.clone()));
+        }
         let Some(joined) = self.in_flight.next().await else {
             return Ok(self.durable);
         };
-        let done = joined.map_err(|e| ArchiveError::Task(e.to_string()))??;
+        let done = match joined
+            .map_err(|e| ArchiveError::Task(e.to_string()))
+            .and_then(|r| r.map_err(ArchiveError::Store))
+        {
+            Ok(done) => done,
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+        };
         self.durable = self.durable.max(done.end);
         self.cfg.metrics.set_durable(self.durable);
         if let Some(seg) = done.sealed {

@@ -362,9 +362,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let plan = if dry_run {
                 retention::load_plan(&units, &policy, pack_grace).await?
             } else {
-                let lease = Lease::acquire(units.repo(), "expire", DEFAULT_TTL)
-                    .await
-                    .context("take the repository's writer lease")?;
+                // Refused, naming the holder, while another writer holds it.
+                let lease = Lease::acquire(units.repo(), "expire", DEFAULT_TTL).await?;
                 let renewing = lease.keep_alive();
                 let applied = retention::apply(&units, &policy, pack_grace, &lease).await;
                 renewing.abort();

@@ -26,7 +26,10 @@
 //!    bound is the same on every timeline). WAL at or after that segment is never deleted,
 //!    so the restorable window loses its old end but never gets a hole. A timeline's
 //!    `.history` file goes once the timeline has no WAL left and is not the latest
-//!    timeline, the timeline of a kept backup, or an ancestor of one of those.
+//!    timeline, the timeline of a kept backup, or an ancestor of one of those. Streamed
+//!    parts of a segment that is also stored sealed (and their index entries, when the
+//!    segment has its own) are redundant at any age and go too; the streamer removes them
+//!    itself after sealing, and leaves them only when it stops in between.
 //!
 //! Every delete is idempotent: an interrupted expire is finished by running it again.
 //! Deletes happen only while the writer lease is held (see [`crate::lease`]); the lease is
@@ -130,8 +133,10 @@ pub struct BackupItem {
 pub struct ObjectItem {
     pub key: String,
     pub bytes: u64,
-    /// Packs: `released` (only deleted backups used it), `orphan` (no manifest ever
-    /// referenced it, older than the grace period), `younger than the grace period`, `age unknown`.
+    /// Packs: `released` (only deleted backups used it), `orphan` (no manifest references
+    /// it, older than the grace period), `younger than the grace period`, `age unknown`.
+    /// WAL: `before the oldest kept backup`, `superseded by the sealed segment` (parts, and
+    /// their index entries, of a segment stored whole), `timeline no longer needed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
 }
@@ -358,34 +363,60 @@ pub fn plan(
     let mut deleted_wal_index = Vec::new();
     let mut history_keys: Vec<(&ObjectInfo, TimelineId)> = Vec::new();
     let mut remaining_tlis: BTreeSet<TimelineId> = BTreeSet::new();
-    for o in &listing.wal {
-        let parsed = parse_wal_key(&o.key, size);
-        let (tli, segno, index) = match parsed {
+    let parsed: Vec<(&ObjectInfo, Option<WalObject>)> = listing
+        .wal
+        .iter()
+        .map(|o| (o, parse_wal_key(&o.key, size)))
+        .collect();
+    // A sealed segment supersedes its parts, and a segment's index entry its parts' entries
+    // (the streamer removes them itself once it seals a segment, unless it stops first).
+    let sealed: HashSet<(TimelineId, SegmentNo)> = parsed
+        .iter()
+        .filter_map(|(_, p)| match p {
+            Some(WalObject::Segment { tli, segno }) => Some((*tli, *segno)),
+            _ => None,
+        })
+        .collect();
+    let seg_indexed: HashSet<(TimelineId, SegmentNo)> = parsed
+        .iter()
+        .filter_map(|(_, p)| match p {
+            Some(WalObject::SegmentIndex { tli, segno }) => Some((*tli, *segno)),
+            _ => None,
+        })
+        .collect();
+    for (o, p) in parsed {
+        let (tli, segno, index, superseded) = match p {
             Some(WalObject::History { tli }) => {
                 history_keys.push((o, tli));
                 continue;
             }
-            Some(
-                WalObject::Segment { tli, segno }
-                | WalObject::Part { tli, segno, .. }
-                | WalObject::BackupHistory { tli, segno },
-            ) => (tli, segno, false),
-            Some(
-                WalObject::SegmentIndex { tli, segno } | WalObject::PartIndex { tli, segno, .. },
-            ) => (tli, segno, true),
+            Some(WalObject::Segment { tli, segno } | WalObject::BackupHistory { tli, segno }) => {
+                (tli, segno, false, false)
+            }
+            Some(WalObject::Part { tli, segno, .. }) => {
+                (tli, segno, false, sealed.contains(&(tli, segno)))
+            }
+            Some(WalObject::SegmentIndex { tli, segno }) => (tli, segno, true, false),
+            Some(WalObject::PartIndex { tli, segno, .. }) => {
+                (tli, segno, true, seg_indexed.contains(&(tli, segno)))
+            }
             None => continue,
         };
         let below = wal_floor
             .as_ref()
             .is_some_and(|f| segno < SegmentNo(f.segment));
-        if !below {
+        if !below && !superseded {
             remaining_tlis.insert(tli);
             continue;
         }
         let obj = ObjectItem {
             key: o.key.clone(),
             bytes: o.size,
-            reason: None,
+            reason: Some(if below {
+                "before the oldest kept backup"
+            } else {
+                "superseded by the sealed segment"
+            }),
         };
         if index {
             deleted_wal_index.push(obj);
@@ -412,7 +443,7 @@ pub fn plan(
                 deleted_wal_history.push(ObjectItem {
                     key: o.key.clone(),
                     bytes: o.size,
-                    reason: None,
+                    reason: Some("timeline no longer needed"),
                 });
             }
         }
@@ -866,7 +897,9 @@ mod tests {
             keys(&p.deleted_wal),
             [
                 segment_key(T1, SegmentNo(1), S),
-                segment_index_key(T1, SegmentNo(1), S)
+                part_key(T1, SegmentNo(4), S, 0, 0x1000),
+                segment_index_key(T1, SegmentNo(1), S),
+                part_index_key(T1, SegmentNo(4), S, 0, 0x1000),
             ]
         );
         // Both rules: the union is kept.
@@ -902,7 +935,9 @@ mod tests {
             keys(&p.deleted_wal),
             [
                 segment_key(T1, SegmentNo(1), S),
-                segment_index_key(T1, SegmentNo(1), S)
+                part_key(T1, SegmentNo(4), S, 0, 0x1000),
+                segment_index_key(T1, SegmentNo(1), S),
+                part_index_key(T1, SegmentNo(4), S, 0, 0x1000),
             ]
         );
     }
@@ -978,6 +1013,51 @@ mod tests {
         );
         assert!(p.deleted_backups.is_empty() && p.deleted_wal.is_empty());
         assert_eq!(keys(&p.deleted_packs), ["packs/aa/x"]);
+    }
+
+    #[test]
+    fn superseded_parts_go_at_any_age() {
+        let backups = vec![backup("b", T1, 2, "2026-01-01T00:00:00Z", &[])];
+        let wal = vec![
+            segment_key(T1, SegmentNo(6), S),
+            part_key(T1, SegmentNo(6), S, 0, 0x1000),
+            part_index_key(T1, SegmentNo(6), S, 0, 0x1000),
+            // Segment 7: sealed, but its own index entry is missing: the part's entry stays.
+            segment_key(T1, SegmentNo(7), S),
+            part_key(T1, SegmentNo(7), S, 0, 0x1000),
+            part_index_key(T1, SegmentNo(7), S, 0, 0x1000),
+            segment_index_key(T1, SegmentNo(6), S),
+            // Segment 8: only parts (the streamer's current segment).
+            part_key(T1, SegmentNo(8), S, 0, 0x1000),
+            part_index_key(T1, SegmentNo(8), S, 0, 0x1000),
+        ];
+        let v = view(backups, &wal, &[]);
+        let l = Listing {
+            wal: wal.iter().map(|k| obj(k, 1, None)).collect(),
+            ..Listing::default()
+        };
+        let p = plan(
+            &v,
+            &l,
+            &RetentionPolicy {
+                retain_full: Some(1),
+                recovery_window: None,
+            },
+            DEFAULT_PACK_GRACE,
+            ts(NOW),
+        );
+        assert_eq!(
+            keys(&p.deleted_wal),
+            [
+                part_key(T1, SegmentNo(6), S, 0, 0x1000),
+                part_key(T1, SegmentNo(7), S, 0, 0x1000),
+                part_index_key(T1, SegmentNo(6), S, 0, 0x1000),
+            ]
+        );
+        assert!(p
+            .deleted_wal
+            .iter()
+            .all(|o| o.reason == Some("superseded by the sealed segment")));
     }
 
     #[test]

@@ -184,6 +184,7 @@ async fn session(
                 let durable = a
                     .drain()
                     .await
+                    .map_err(permanent)
                     .context("store the end of the old timeline")?;
                 info!(old = %tli, new = %next_tli, switch = %next_start, %durable, from = %start, "timeline switch");
                 let history = conn.timeline_history(next_tli).await.map_err(classify)?;
@@ -301,14 +302,15 @@ async fn stream_timeline(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                let durable = a.drain().await.context("store buffered WAL before exiting")?;
+                let durable = a.drain().await.map_err(permanent).context("store buffered WAL before exiting")?;
                 stream.send_status(a.received(), durable, Lsn::INVALID, false).await.ok();
                 let _ = stream.stop().await;
                 info!(%durable, "stopped streaming; everything received is stored");
                 return Ok(TimelineEnd::Shutdown);
             }
+            // Transient store errors are retried inside the upload; what comes out is final.
             done = a.next_durable(), if a.has_pending() => {
-                done?;
+                done.map_err(permanent)?;
                 report = true;
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => a.flush_part(),

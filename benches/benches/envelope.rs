@@ -12,9 +12,13 @@
 //! the store-as-is path.
 //!
 //! Groups are `<data>-zstd<level>` with functions `seal`, `zstd-compress`, `open`,
-//! `zstd-decompress`; `primitives` holds AES-256-GCM, crc32 and a plain copy, for scale.
+//! `zstd-decompress`; `primitives` holds AES-256-GCM (aes-gcm, which the envelope uses,
+//! and aws-lc-rs), crc32 and a plain copy, for scale.
 //! After a `cargo bench` run the bench prints a summary table built from criterion's
 //! results in `target/criterion` (rows not measured in this run are marked stale).
+//!
+//! `WALFERRY_BENCH_CLOCK=cpu` measures the bench thread's on-CPU time instead of wall
+//! time, for machines busy with other work.
 //!
 //! Run: `bash benches/prepare-data.sh && cargo bench -p walferry-benches --bench envelope`
 
@@ -24,6 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use aes_gcm::aead::{AeadInPlace, KeyInit, Nonce};
 use aes_gcm::Aes256Gcm;
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{Criterion, SamplingMode, Throughput};
 use walferry_formats::envelope::{Kind, Opener, Sealer};
 use walferry_formats::keyring::{DataKeyMaterial, Keyring};
@@ -215,7 +220,7 @@ fn keyring() -> Keyring {
     Keyring::from_materials(&[DataKeyMaterial::generate(1)], 1).expect("keyring")
 }
 
-fn bench_codec(c: &mut Criterion, ds: &Dataset, level: i32, keys: &Keyring) {
+fn bench_codec<M: Measurement>(c: &mut Criterion<M>, ds: &Dataset, level: i32, keys: &Keyring) {
     let ids: Vec<[u8; 32]> = ds.units().map(|u| keys.block_id(u)).collect();
     let units: Vec<&[u8]> = ds.units().collect();
 
@@ -273,7 +278,7 @@ fn bench_codec(c: &mut Criterion, ds: &Dataset, level: i32, keys: &Keyring) {
 }
 
 /// The fixed costs every envelope pays, on 32 x 1 MiB units, for scale.
-fn bench_primitives(c: &mut Criterion) {
+fn bench_primitives<M: Measurement>(c: &mut Criterion<M>) {
     let mut rng = Rng(42);
     let units: Vec<Vec<u8>> = (0..DEFAULT_UNITS)
         .map(|_| {
@@ -305,6 +310,25 @@ fn bench_primitives(c: &mut Criterion) {
             }
         })
     });
+    // The same cipher from AWS-LC (byte-identical output), for comparison.
+    let lc = aws_lc_rs::aead::LessSafeKey::new(
+        aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &[7u8; 32])
+            .expect("aws-lc key"),
+    );
+    g.bench_function("aws-lc-rs-aes256gcm-encrypt", |b| {
+        b.iter(|| {
+            for u in scratch.iter_mut() {
+                let tag = lc
+                    .seal_in_place_separate_tag(
+                        aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                        aws_lc_rs::aead::Aad::from(b"aad"),
+                        u,
+                    )
+                    .expect("encrypt");
+                black_box(tag.as_ref());
+            }
+        })
+    });
     g.bench_function("crc32", |b| {
         b.iter(|| {
             for u in &units {
@@ -320,6 +344,52 @@ fn bench_primitives(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// Clock
+
+/// On-CPU time of the measuring thread, from `/proc/thread-self/schedstat` (ns).
+///
+/// With `WALFERRY_BENCH_CLOCK=cpu`: on a machine where other jobs compete for the cores,
+/// wall time counts the time the bench sat preempted; this clock does not (cache and
+/// memory-bandwidth contention still show). Values are nanoseconds, as with wall time,
+/// so reports and the summary read the same.
+struct ThreadCpuTime {
+    wall: WallTime,
+}
+
+impl ThreadCpuTime {
+    fn now_ns() -> u64 {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .expect("/proc/thread-self/schedstat (Linux with schedstats) is needed for WALFERRY_BENCH_CLOCK=cpu")
+    }
+}
+
+impl Measurement for ThreadCpuTime {
+    type Intermediate = u64;
+    type Value = Duration;
+
+    fn start(&self) -> u64 {
+        Self::now_ns()
+    }
+    fn end(&self, start: u64) -> Duration {
+        Duration::from_nanos(Self::now_ns().saturating_sub(start))
+    }
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+    fn to_f64(&self, v: &Duration) -> f64 {
+        v.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        self.wall.formatter()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -396,9 +466,14 @@ fn ratios(ds: &Dataset, level: i32, keys: &Keyring) -> (f64, f64) {
     (plain as f64 / z as f64, plain as f64 / env as f64)
 }
 
-fn print_summary(data: &[Dataset], keys: &Keyring, since: SystemTime) {
+fn print_summary(data: &[Dataset], keys: &Keyring, since: SystemTime, cpu_clock: bool) {
     let home = criterion_home();
-    println!("\nwalferry envelope vs raw zstd, one thread, 1 MiB units, MB/s of plaintext (MB = 10^6 B), criterion medians");
+    let clock = if cpu_clock {
+        "on-CPU time"
+    } else {
+        "wall time"
+    };
+    println!("\nwalferry envelope vs raw zstd, one thread, 1 MiB units, MB/s of plaintext (MB = 10^6 B), criterion medians, {clock}");
     println!("results: {}", home.display());
     println!();
     println!("| data | level | zstd ratio | envelope ratio | seal | zstd compress | seal/zstd | open | zstd decompress | open/zstd |");
@@ -429,7 +504,12 @@ fn print_summary(data: &[Dataset], keys: &Keyring, since: SystemTime) {
     println!();
     println!("| primitive (32 x 1 MiB) | MB/s |");
     println!("|---|---|");
-    for f in ["aes256gcm-encrypt", "crc32", "copy-to-vec"] {
+    for f in [
+        "aes256gcm-encrypt",
+        "aws-lc-rs-aes256gcm-encrypt",
+        "crc32",
+        "copy-to-vec",
+    ] {
         println!(
             "| {f} | {} |",
             cell(measured(&home, "primitives", f, since))
@@ -444,20 +524,36 @@ fn main() {
         args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test" || a == "--list");
     let data = load_datasets();
     let keys = keyring();
-    let mut c = Criterion::default()
-        .sample_size(10)
+    let cpu_clock = std::env::var("WALFERRY_BENCH_CLOCK").is_ok_and(|v| v == "cpu");
+    if cpu_clock {
+        eprintln!("clock: on-CPU time of the bench thread (WALFERRY_BENCH_CLOCK=cpu)");
+        run(
+            configure(Criterion::default().with_measurement(ThreadCpuTime { wall: WallTime })),
+            &data,
+            &keys,
+        );
+    } else {
+        run(configure(Criterion::default()), &data, &keys);
+    }
+    if bench_mode {
+        print_summary(&data, &keys, since, cpu_clock);
+    }
+}
+
+fn configure<M: Measurement>(c: Criterion<M>) -> Criterion<M> {
+    c.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2))
         .nresamples(20_000)
-        .configure_from_args();
+        .configure_from_args()
+}
+
+fn run<M: Measurement>(mut c: Criterion<M>, data: &[Dataset], keys: &Keyring) {
     bench_primitives(&mut c);
-    for ds in &data {
+    for ds in data {
         for &level in ds.levels {
-            bench_codec(&mut c, ds, level, &keys);
+            bench_codec(&mut c, ds, level, keys);
         }
     }
     c.final_summary();
-    if bench_mode {
-        print_summary(&data, &keys, since);
-    }
 }

@@ -124,12 +124,10 @@ pub enum Error {
     #[error("the repository holds no WAL and no backups yet (cluster.json is missing)")]
     EmptyRepository,
 
-    #[error("{key}: {source}")]
-    At {
-        key: String,
-        #[source]
-        source: Box<Error>,
-    },
+    /// Names the object an error is about. The cause is part of the message and not a
+    /// `source()`, so a `{:#}` chain does not print it twice.
+    #[error("{key}: {inner}")]
+    At { key: String, inner: Box<Error> },
 
     #[error("object {key} not found")]
     NotFound { key: String },
@@ -165,7 +163,7 @@ impl Error {
             e @ (Error::NotFound { .. } | Error::Store { .. } | Error::At { .. }) => e,
             e => Error::At {
                 key: key.to_string(),
-                source: Box::new(e),
+                inner: Box::new(e),
             },
         }
     }
@@ -173,7 +171,7 @@ impl Error {
     /// The error underneath any [`Error::At`] naming.
     pub fn root(&self) -> &Error {
         match self {
-            Error::At { source, .. } => source.root(),
+            Error::At { inner, .. } => inner.root(),
             e => e,
         }
     }

@@ -145,6 +145,15 @@ impl RepoView {
             .filter(|b| on_path(&path, b.timeline, b.end_lsn))
             .filter_map(|b| b.finished_at.parse::<Timestamp>().ok())
             .min()?;
+        // Up to whole microseconds, the precision `--to` accepts and Postgres keeps: the
+        // printed start of the window can be pasted back as a target.
+        let from = from
+            .round(
+                jiff::TimestampRound::new()
+                    .smallest(jiff::Unit::Microsecond)
+                    .mode(jiff::RoundMode::Ceil),
+            )
+            .unwrap_or(from);
         let to = self
             .index
             .iter()

@@ -327,11 +327,29 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<Outcome> {
     }
 
     let units = repo.open().await?;
-    let view = RepoView::load(&units)
-        .await
-        .context("read the repository")?;
+    let view = match RepoView::load(&units).await {
+        Ok(v) => v,
+        Err(e) if e.is_corruption() => {
+            let way_out = match &e {
+                walferry_formats::Error::At { key, .. } if key.starts_with("backups/") => format!(
+                    "That backup cannot be used, and restore trusts no backup while a damaged manifest is listed: move {key} out of backups/ to restore from the other backups"
+                ),
+                _ => "Restore from a copy of the repository".to_string(),
+            };
+            anyhow::bail!(
+                "read the repository: {e}. The repository is damaged; nothing was written. {way_out}. `walferry-restore verify` lists every damaged object."
+            );
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("read the repository")),
+    };
     let plan = plan::plan(&view, &target, args.backup.as_deref()).context("plan the restore")?;
     let manifest = &view.backups[plan.backup_index];
+    if let Err(e) = plan::check_packs(&units, manifest).await {
+        anyhow::bail!(
+            "plan the restore: {e:#}. {}",
+            plan::other_backups(&view, &plan)
+        );
+    }
     println!("restore plan:");
     println!("  target:      {}", plan.target);
     println!(
@@ -371,9 +389,35 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<Outcome> {
         tablespace_map: ts_map,
         delta: args.delta,
     };
-    let stats = materialize::materialize(&units, manifest, &opts)
-        .await
-        .with_context(|| format!("restore backup {} into {}", manifest.id, pgdata.display()))?;
+    let stats = match materialize::materialize(&units, manifest, &opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            let damaged = e.chain().any(|c| {
+                c.downcast_ref::<walferry_formats::Error>()
+                    .is_some_and(|f| f.is_corruption() || f.is_not_found())
+            });
+            let left = if args.delta {
+                format!(
+                    "{} is incomplete and cannot be started (global/pg_control was removed); run the restore again",
+                    pgdata.display()
+                )
+            } else {
+                format!("nothing was left in {}", pgdata.display())
+            };
+            let e = e.context(format!(
+                "restore backup {} into {}",
+                manifest.id,
+                pgdata.display()
+            ));
+            if damaged {
+                anyhow::bail!(
+                    "{e:#}\nThe backup is damaged; {left}. {}",
+                    plan::other_backups(&view, &plan)
+                );
+            }
+            anyhow::bail!("{e:#}\n{left}");
+        }
+    };
     let secs = began.elapsed().as_secs_f64();
     println!(
         "restored {} files ({:.1} MB) into {} in {secs:.1}s ({:.0} MB/s){}",

@@ -90,7 +90,12 @@ fn tablespace_dir(manifest: &BackupManifest, opts: &Options, oid: u32) -> anyhow
 }
 
 /// Writes every entry of `manifest` under the target. On failure, what was written is
-/// removed again when the target started out empty.
+/// removed again when the target started out empty: a directory this run created is
+/// removed, one that existed empty (a mount point, say) is emptied and keeps its mode.
+///
+/// With `delta`, the target held a cluster before: `global/pg_control` goes first (it is
+/// written again last), so a failed run never leaves a mix of old and new files that
+/// looks like a cluster PostgreSQL would start.
 pub async fn materialize(
     units: &Units,
     manifest: &BackupManifest,
@@ -99,33 +104,70 @@ pub async fn materialize(
     // On failure only what this run wrote is removed: never the contents of a directory
     // that held files before (the live tablespace of the cluster that was backed up, when
     // a restore on the same machine forgets --tablespace-map; a --delta target).
-    let pgdata_fresh = is_empty_or_absent(&opts.pgdata);
-    let fresh_tablespaces: Vec<PathBuf> = manifest
-        .tablespaces
-        .iter()
-        .filter_map(|t| tablespace_dir(manifest, opts, t.oid).ok())
-        .filter(|d| is_empty_or_absent(d))
+    let fresh: Vec<Fresh> = std::iter::once(opts.pgdata.clone())
+        .chain(
+            manifest
+                .tablespaces
+                .iter()
+                .filter_map(|t| tablespace_dir(manifest, opts, t.oid).ok()),
+        )
+        .filter_map(|d| Fresh::probe(&d))
         .collect();
     let r = write_all(units, manifest, opts).await;
     if r.is_err() {
-        if pgdata_fresh {
-            let _ = std::fs::remove_dir_all(&opts.pgdata);
-        }
-        for d in &fresh_tablespaces {
-            if let Ok(rd) = std::fs::read_dir(d) {
-                for e in rd.flatten() {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
+        for f in &fresh {
+            f.undo();
         }
     }
     r
 }
 
-fn is_empty_or_absent(dir: &Path) -> bool {
-    match std::fs::read_dir(dir) {
-        Ok(mut it) => it.next().is_none(),
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+/// A target directory that held nothing before the restore, and how to put it back.
+struct Fresh {
+    /// The directory, or for one that did not exist, its highest missing ancestor.
+    top: PathBuf,
+    /// The mode of a directory that existed (empty); None when it did not exist.
+    mode: Option<u32>,
+}
+
+impl Fresh {
+    fn probe(dir: &Path) -> Option<Fresh> {
+        match std::fs::read_dir(dir) {
+            Ok(mut it) => it.next().is_none().then(|| Fresh {
+                top: dir.to_path_buf(),
+                mode: std::fs::metadata(dir)
+                    .ok()
+                    .map(|m| m.permissions().mode() & 0o7777),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut top = dir.to_path_buf();
+                while let Some(p) = top.parent() {
+                    if p.as_os_str().is_empty() || p.exists() {
+                        break;
+                    }
+                    top = p.to_path_buf();
+                }
+                Some(Fresh { top, mode: None })
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn undo(&self) {
+        let Some(mode) = self.mode else {
+            let _ = std::fs::remove_dir_all(&self.top);
+            return;
+        };
+        if let Ok(rd) = std::fs::read_dir(&self.top) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let _ = match e.file_type() {
+                    Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+                    _ => std::fs::remove_file(&p),
+                };
+            }
+        }
+        let _ = std::fs::set_permissions(&self.top, std::fs::Permissions::from_mode(mode));
     }
 }
 
@@ -147,6 +189,15 @@ async fn write_all(
         })?;
     }
     create_dir(&opts.pgdata, 0o700)?;
+    if opts.delta {
+        let control = opts.pgdata.join("global/pg_control");
+        match std::fs::remove_file(&control) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("remove {}", control.display()));
+            }
+            _ => {}
+        }
+    }
     for t in &manifest.tablespaces {
         create_dir(&tablespace_dir(manifest, opts, t.oid)?, 0o700)?;
     }

@@ -1,13 +1,14 @@
 //! Planning a restore: target -> backup + timeline path + WAL range, checked against what
 //! the repository holds before a single byte is written.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use jiff::Timestamp;
 use walferry_formats::backup::BackupManifest;
 use walferry_formats::view::{on_path, RepoView};
-use walferry_formats::{Lsn, SegmentNo, TimelineId, WalFileName};
+use walferry_formats::{Lsn, SegmentNo, TimelineId, Units, WalFileName};
 
 /// What the operator asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,7 +130,7 @@ pub fn plan(view: &RepoView, target: &Target, backup: Option<&str>) -> anyhow::R
                     )
                 })?;
             if *l > wal_end_of_repo {
-                bail!("LSN {l} is past the end of the stored WAL ({wal_end_of_repo})");
+                bail!("LSN {l} is past the end of the stored WAL ({wal_end_of_repo}); choose an LSN up to {wal_end_of_repo}, or --to latest");
             }
             (*chosen, *l)
         }
@@ -173,7 +174,38 @@ pub fn plan(view: &RepoView, target: &Target, backup: Option<&str>) -> anyhow::R
             manifest.end_lsn
         );
     }
-    let segments = check_wal(view, &path, manifest.start_lsn, stop.max(manifest.end_lsn))?;
+    let segments = check_wal(view, &path, manifest.start_lsn, stop.max(manifest.end_lsn))
+        .map_err(|gap| {
+            let way_out = if gap.start < manifest.end_lsn {
+                format!(
+                    "backup {} needs it to become consistent and cannot be restored; choose another backup with --backup ID",
+                    manifest.id
+                )
+            } else {
+                let later = view
+                    .backups
+                    .iter()
+                    .filter(|b| on_path(&path, b.timeline, b.end_lsn))
+                    .filter(|b| b.start_lsn >= gap.end && b.end_lsn <= stop)
+                    .next_back();
+                match later {
+                    Some(b) => format!(
+                        "choose a target before {}, or restore from backup {} (--backup {}), which starts after the gap",
+                        gap.start, b.id, b.id
+                    ),
+                    None => format!(
+                        "choose a target before {}; moments after it need a backup taken after it (`walferry-agent backup`)",
+                        gap.start
+                    ),
+                }
+            };
+            anyhow!(
+                "WAL segment {} is missing from the repository (it holds WAL {}..{}); recovery to this target cannot pass it: {way_out}",
+                gap.name,
+                gap.start,
+                gap.end
+            )
+        })?;
     Ok(Plan {
         target: target.clone(),
         backup_id: manifest.id.clone(),
@@ -187,14 +219,21 @@ pub fn plan(view: &RepoView, target: &Target, backup: Option<&str>) -> anyhow::R
     })
 }
 
+/// A WAL segment recovery needs that the repository does not hold.
+struct Gap {
+    name: String,
+    start: Lsn,
+    end: Lsn,
+}
+
 /// Every segment from `start` to `end` must exist (sealed, or as parts) on the timeline
-/// recovery will look for it on. Returns their names.
+/// recovery will look for it on. Returns their names, or the first one missing.
 fn check_wal(
     view: &RepoView,
     path: &[(TimelineId, Lsn)],
     start: Lsn,
     end: Lsn,
-) -> anyhow::Result<Vec<String>> {
+) -> Result<Vec<String>, Gap> {
     let size = view.size;
     let mut names = Vec::new();
     let last = Lsn(end.0.saturating_sub(1)).segment(size).0;
@@ -209,7 +248,15 @@ fn check_wal(
             }
             begin = e;
         }
-        let tli = tli.ok_or_else(|| anyhow!("no timeline covers segment {s}"))?;
+        let seg_start = Lsn(s * size.bytes());
+        let gap = |name: String| Gap {
+            name,
+            start: seg_start,
+            end: Lsn(seg_start.0 + size.bytes()),
+        };
+        let Some(tli) = tli else {
+            return Err(gap(format!("{s:X} (no timeline covers it)")));
+        };
         let name = WalFileName::Segment { tli, segno }.format(size);
         let have = view.catalog.timeline(tli).is_some_and(|w| {
             w.sealed.contains(&segno) || {
@@ -223,9 +270,69 @@ fn check_wal(
             }
         });
         if !have {
-            bail!("WAL segment {name} is missing from the repository; recovery to this target cannot pass it");
+            return Err(gap(name));
         }
         names.push(name);
     }
     Ok(names)
+}
+
+/// Every pack the backup reads must exist and be long enough for its blocks: one listing,
+/// before anything is written. (A changed byte inside a pack shows when its block is
+/// decoded; the materializer then removes what it wrote.)
+pub async fn check_packs(units: &Units, manifest: &BackupManifest) -> anyhow::Result<()> {
+    let stored: HashMap<String, u64> = units
+        .repo()
+        .list("packs")
+        .await
+        .context("list packs")?
+        .into_iter()
+        .map(|o| (o.key, o.size))
+        .collect();
+    // Pack -> (bytes its blocks need, one block in it).
+    let mut needed: BTreeMap<&str, (u64, usize)> = BTreeMap::new();
+    for (i, b) in manifest.blocks.iter().enumerate() {
+        let e = needed.entry(b.pack.as_str()).or_insert((0, i));
+        e.0 = e.0.max(b.offset + u64::from(b.len));
+    }
+    for (pack, (end, block)) in needed {
+        let file = manifest
+            .files
+            .iter()
+            .find(|f| f.blocks.contains(&(block as u32)))
+            .map_or("?", |f| f.path.as_str());
+        match stored.get(pack) {
+            None => bail!(
+                "backup {} cannot be restored: pack {pack} is missing from the repository (it holds blocks of {file}, among others)",
+                manifest.id
+            ),
+            Some(&size) if size < end => bail!(
+                "backup {} cannot be restored: pack {pack} is truncated ({size} bytes stored, its blocks need {end}; it holds blocks of {file}, among others)",
+                manifest.id
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The way out when the chosen backup is damaged: the other backups that reach the target.
+pub fn other_backups(view: &RepoView, plan: &Plan) -> String {
+    let path = view.path_to(plan.timeline);
+    let others: Vec<&str> = view
+        .backups
+        .iter()
+        .filter(|b| b.id != plan.backup_id)
+        .filter(|b| on_path(&path, b.timeline, b.end_lsn) && b.end_lsn <= plan.wal_end)
+        .map(|b| b.id.as_str())
+        .collect();
+    let verify = "`walferry-restore verify` lists every damaged object.";
+    if others.is_empty() {
+        format!("No other backup reaches this target; take a new backup (`walferry-agent backup`) to restore later moments. {verify}")
+    } else {
+        format!(
+            "Restore from another backup with --backup ID ({} reach this target). {verify}",
+            others.join(", ")
+        )
+    }
 }

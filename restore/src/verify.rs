@@ -1548,7 +1548,7 @@ async fn check_packs_sealed(run: &Run, packs: &[Listed]) {
 #[derive(Default)]
 struct WalRead {
     /// (tli, start, end, last commit)
-    index: Vec<(TimelineId, Lsn, Lsn, Option<Timestamp>)>,
+    index: Vec<(TimelineId, Lsn, Lsn, Commits)>,
     histories: BTreeMap<TimelineId, Vec<(TimelineId, Lsn)>>,
     /// Objects that vanished between the listing and the read (parts of a segment that
     /// was sealed meanwhile).
@@ -1587,7 +1587,7 @@ async fn check_wal(run: &Run, wal: &[(Listed, WalObject)]) -> WalRead {
                                         *tli,
                                         start,
                                         Lsn(start.0 + size.bytes()),
-                                        last_commit(&s),
+                                        commits(&s),
                                     ));
                                     return run.skip(o, v);
                                 }
@@ -1664,7 +1664,7 @@ async fn check_wal(run: &Run, wal: &[(Listed, WalObject)]) -> WalRead {
                                 }
                                 _ => (Lsn(base), Lsn(base + size.bytes())),
                             };
-                            lock(out).index.push((tli, start, end, last_commit(&s)));
+                            lock(out).index.push((tli, start, end, commits(&s)));
                             Ok(serde_json::to_value(s).ok())
                         }
                     }
@@ -1690,8 +1690,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn last_commit(s: &WalSummary) -> Option<Timestamp> {
-    s.last_commit.and_then(|c| c.time.to_timestamp())
+/// The first and last commit of an index entry: (LSN, time).
+type Commits = [Option<(Lsn, Timestamp)>; 2];
+
+fn commits(s: &WalSummary) -> Commits {
+    let f = |c: Option<walferry_formats::walreader::XactStamp>| {
+        c.and_then(|c| Some((c.lsn, c.time.to_timestamp()?)))
+    };
+    [f(s.first_commit), f(s.last_commit)]
+}
+
+/// The latest commit time of an index entry that lies on `path`, judged by the commit
+/// records' own LSNs: an entry of a new timeline's first segment starts before the
+/// switch but its commits after it are on the new timeline (and an old timeline's entry
+/// may hold commits past the switch that are not).
+fn commit_on_path(path: &[(TimelineId, Lsn)], tli: TimelineId, c: &Commits) -> Option<Timestamp> {
+    c.iter()
+        .rev()
+        .flatten()
+        .find(|(lsn, _)| on_path(path, tli, *lsn))
+        .map(|(_, t)| *t)
 }
 
 fn wal_effect(f: Found, w: &WalObject) -> Found {
@@ -1740,7 +1758,7 @@ struct Model {
     histories: BTreeMap<TimelineId, Vec<(TimelineId, Lsn)>>,
     /// Timelines with WAL but no readable history, whose history was inferred.
     inferred_histories: Vec<TimelineId>,
-    index: Vec<(TimelineId, Lsn, Lsn, Option<Timestamp>)>,
+    index: Vec<(TimelineId, Lsn, Lsn, Commits)>,
     keyed: bool,
 }
 
@@ -1790,7 +1808,7 @@ impl Model {
                 .iter()
                 .map(|b| BackupModel {
                     info: b.info.clone(),
-                    finished: b.info.finished_at.parse().ok(),
+                    finished: b.info.finished_at.parse().ok().map(ceil_micros),
                     refs: b.refs.as_ref().map(|r| {
                         r.iter()
                             .map(|(p, rs)| (p.clone(), rs.iter().map(|x| x.offset).collect()))
@@ -2001,10 +2019,10 @@ impl Model {
                 continue;
             };
             let g = gaps(wal, &path, from_seg, size);
-            let index: Vec<&(TimelineId, Lsn, Lsn, Option<Timestamp>)> = self
+            let index: Vec<(Lsn, Timestamp)> = self
                 .index
                 .iter()
-                .filter(|e| on_path(&path, e.0, e.1))
+                .filter_map(|e| Some((e.2, commit_on_path(&path, e.0, &e.3)?)))
                 .collect();
             let mut spans = Vec::new();
             for b in on {
@@ -2013,7 +2031,7 @@ impl Model {
                 if r < b.info.end_lsn {
                     continue;
                 }
-                let to = index.iter().filter(|e| e.2 <= r).filter_map(|e| e.3).max();
+                let to = index.iter().filter(|e| e.0 <= r).map(|e| e.1).max();
                 if let Some(to) = to {
                     if to > from {
                         spans.push((from, to));
@@ -2120,6 +2138,17 @@ fn gaps(
         }
     }
     out
+}
+
+/// Up to whole microseconds, as `RepoView::window` prints the start of a window: the
+/// precision `--to` accepts, so a printed start can be pasted back as a target.
+fn ceil_micros(t: Timestamp) -> Timestamp {
+    t.round(
+        jiff::TimestampRound::new()
+            .smallest(jiff::Unit::Microsecond)
+            .mode(jiff::RoundMode::Ceil),
+    )
+    .unwrap_or(t)
 }
 
 fn merge(mut spans: Vec<(Timestamp, Timestamp)>) -> Vec<(Timestamp, Timestamp)> {
@@ -2414,7 +2443,10 @@ mod tests {
             finished: Some(ts(fin)),
             refs: None,
         };
-        let idx = |n: u64, t: &str| (t1, Lsn(n * seg), Lsn((n + 1) * seg), Some(ts(t)));
+        let idx = |n: u64, t: &str| {
+            let c = Some((Lsn(n * seg + 100), ts(t)));
+            (t1, Lsn(n * seg), Lsn((n + 1) * seg), [c, c])
+        };
         Model {
             size: s,
             backups: vec![

@@ -205,7 +205,7 @@ impl RestoredCluster {
         Ok(RestoredCluster {
             pgdata: source.root_dir().join(format!("restore-{name}")),
             sock: source.make_dir(&format!("rsock-{name}"))?,
-            port: free_port()?,
+            port: unique_port()?,
             bin: pg_bin_dir()?,
         })
     }
@@ -219,6 +219,11 @@ impl RestoredCluster {
             format!("port={}", self.port),
             "--pg-option".into(),
             format!("unix_socket_directories={}", self.sock.display()),
+            // Keep few WAL segments around: test machines pay for every byte on removal.
+            "--pg-option".into(),
+            "min_wal_size=32MB".into(),
+            "--pg-option".into(),
+            "wal_recycle=off".into(),
         ]
     }
 
@@ -337,9 +342,15 @@ impl RestoredCluster {
 }
 
 impl Drop for RestoredCluster {
+    /// Stops a server still running here; removes the directory unless the test failed or
+    /// `WALFERRY_KEEP_PG` is set (then it goes with the source cluster's temp dir).
     fn drop(&mut self) {
         if self.is_running() {
             let _ = self.stop("immediate");
+        }
+        let keep = std::env::var_os(crate::pg::KEEP_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+        if !keep && !std::thread::panicking() && !self.is_running() {
+            let _ = std::fs::remove_dir_all(&self.pgdata);
         }
     }
 }
@@ -668,6 +679,21 @@ fn psql_with(mut cmd: Command, db: &str, sql: &str) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A free port not handed to another restored cluster of this process (restores may run
+/// side by side).
+fn unique_port() -> Result<u16> {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().map_err(|_| anyhow!("port list poisoned"))?;
+    for _ in 0..50 {
+        let p = free_port()?;
+        if !given.contains(&p) {
+            given.push(p);
+            return Ok(p);
+        }
+    }
+    bail!("no free port after 50 tries")
 }
 
 fn as_postgres(program: &Path) -> Command {

@@ -18,6 +18,7 @@ mod deploy;
 mod pitr;
 mod replication;
 mod restore_errors;
+mod retention;
 mod streaming;
 mod streaming_more;
 mod testkit;

@@ -150,9 +150,12 @@ fn assert_all_distinct(moments: &[Moment]) {
 /// every moment; each restore is compared with a dump taken at exactly that moment.
 #[tokio::test(flavor = "multi_thread")]
 async fn pitr_dumps_match_at_every_target() {
+    let t0 = Instant::now();
+    let lap = |what: &str| eprintln!("[{:5.1}s] {what}", t0.elapsed().as_secs_f64());
     let src = Source::start(file_target().unwrap(), &[]);
     let pg = &src.pg;
     let id1 = src.backup("pitr-1");
+    lap("backup 1");
     let mut writer = Writer::start(pg, DB).unwrap();
     let mut moments = Vec::new();
 
@@ -194,6 +197,7 @@ async fn pitr_dumps_match_at_every_target() {
         segs >= 3.0,
         "only {segs:.1} segments of WAL between (a) and (b)"
     );
+    lap("several segments later");
     moments.push(Moment {
         name: "time-segments-later",
         target: strings(&["--to", &t]),
@@ -205,6 +209,7 @@ async fn pitr_dumps_match_at_every_target() {
     // (c) backup 2, taken under the writer; then a time after it.
     let id2 = src.backup("pitr-2");
     assert_ne!(id1, id2);
+    lap("backup 2");
     std::thread::sleep(Duration::from_millis(300));
     let (dump, t) = src.time_moment(&mut writer);
     moments.push(Moment {
@@ -283,6 +288,7 @@ async fn pitr_dumps_match_at_every_target() {
         log_line: "archive recovery complete".into(),
     });
     assert_all_distinct(&moments);
+    lap("all moments recorded, the stream caught up");
 
     // The planner picks backup 2 for a time after it, and --dry-run writes nothing.
     let dry = RestoredCluster::new(pg, "dry-run").unwrap();
@@ -296,10 +302,29 @@ async fn pitr_dumps_match_at_every_target() {
         "--dry-run created {}",
         dry.pgdata.display()
     );
+    lap("dry run");
 
-    for m in &moments {
-        restore_and_compare(&src, m);
-    }
+    restore_all(&src, &moments);
+    lap("all restores compared");
+    drop(src);
+    lap("source dropped");
+}
+
+/// Restores every moment, a few side by side (each into its own directory and port).
+fn restore_all(src: &Source, moments: &[Moment]) {
+    std::thread::scope(|s| {
+        for chunk in moments.chunks(3) {
+            let running: Vec<_> = chunk
+                .iter()
+                .map(|m| s.spawn(move || restore_and_compare(src, m)))
+                .collect();
+            for r in running {
+                if let Err(panic) = r.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        }
+    });
 }
 
 /// A restored directory is, file for file, the backup PostgreSQL described in its own
@@ -436,9 +461,7 @@ async fn round_trip(target: StoreTarget) {
         },
     ];
     assert_all_distinct(&moments);
-    for m in &moments {
-        restore_and_compare(&src, m);
-    }
+    restore_all(&src, &moments);
 }
 
 #[tokio::test(flavor = "multi_thread")]

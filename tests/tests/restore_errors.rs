@@ -42,22 +42,7 @@ impl Fixture {
 
     /// `pgbench_init` runs before the backup, so its data is inside it.
     fn with_data(pgbench_init: &[&str]) -> Fixture {
-        let pg = cluster();
-        let repo = Repo::init(file_target().unwrap());
-        let agent = repo.agent(
-            &pg.superuser_conninfo(),
-            &pg.root_dir().join("agent.log"),
-            &[],
-        );
-        pgbench(&pg, pgbench_init);
-        let mut f = Fixture {
-            pg,
-            repo,
-            agent,
-            backup_id: String::new(),
-            end: Lsn(0),
-            scratch: tempfile::tempdir().unwrap(),
-        };
+        let mut f = Self::streaming(pgbench_init);
         f.backup_id = f.backup().unwrap_or_else(|e| panic!("{e}"));
         // Commits after the backup, a little apart, so the window is not empty.
         f.pg.psql("postgres", "create table after_backup(x int)")
@@ -72,6 +57,26 @@ impl Fixture {
         }
         f.settle();
         f
+    }
+
+    /// Streaming, with data, and no backup yet.
+    fn streaming(pgbench_init: &[&str]) -> Fixture {
+        let pg = cluster();
+        let repo = Repo::init(file_target().unwrap());
+        let agent = repo.agent(
+            &pg.superuser_conninfo(),
+            &pg.root_dir().join("agent.log"),
+            &[],
+        );
+        pgbench(&pg, pgbench_init);
+        Fixture {
+            pg,
+            repo,
+            agent,
+            backup_id: String::new(),
+            end: Lsn(0),
+            scratch: tempfile::tempdir().unwrap(),
+        }
     }
 
     /// Switches WAL and waits until everything so far is durable in the repository.
@@ -228,6 +233,16 @@ async fn targets_outside_the_window() {
         &err,
         &["before the first backup finished", "restorable window is"],
     );
+    // The printed window can be pasted back as a target.
+    let start = err
+        .split("restorable window is ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .to_string();
+    let (st, out, err) = f.restore(&["--to", &start, "--dry-run", "--pgdata", "/nonexistent"]);
+    assert_exit(st, 0, &out, &err);
+    assert_mentions(&out, &[&f.backup_id, "dry run: nothing was written"]);
 
     let after = pg_time(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600));
     let pgdata = f.occupied("after");
@@ -256,7 +271,10 @@ async fn targets_outside_the_window() {
         f.restore(&["--to-lsn", &past, "--pgdata", pgdata.to_str().unwrap()])
     });
     assert_exit(st, 1, &out, &err);
-    assert_mentions(&err, &[&past, "past the end of the stored WAL"]);
+    assert_mentions(
+        &err,
+        &[&past, "past the end of the stored WAL", "--to latest"],
+    );
 }
 
 /// A restore that must fail with exit 1 into `pgdata`, leaving it exactly as it was.
@@ -355,20 +373,61 @@ fn flip_byte(path: &Path, at: u64) {
 }
 
 /// 3a. One flipped byte inside a pack, in a block the restore needs: the restore fails
-/// naming the pack and the file, and removes what it wrote.
+/// naming the pack and the file, and removes what it wrote. A --delta restore that has
+/// to fetch that block fails too, and leaves no directory PostgreSQL would start.
 #[tokio::test(flavor = "multi_thread")]
 async fn damaged_pack_fails_naming_pack_and_file() {
     let f = Fixture::new();
     let m = f.manifest().await;
-    let (path, _, block) = needed_block(&m);
+    let (path, n, block) = needed_block(&m);
+    // A good copy first, for the --delta case below.
+    let copy = f.absent("copy");
+    let (st, out, err) = f.restore(&["--to", "latest", "--pgdata", copy.to_str().unwrap()]);
+    assert_exit(st, 0, &out, &err);
+    assert!(copy.join("global/pg_control").exists());
+
     flip_byte(
         &f.object(&block.pack),
         block.offset + u64::from(block.len) / 2,
     );
     for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
         let err = restore_fails(&f, &pgdata, &["--to", "latest"]);
-        assert_mentions(&err, &[&block.pack, &path, "corrupt"]);
+        assert_mentions(
+            &err,
+            &[
+                &block.pack,
+                &format!("block {n} of {path}"),
+                "corrupt",
+                "The backup is damaged",
+                "nothing was left in",
+                "take a new backup",
+            ],
+        );
     }
+
+    // --delta reuses matching blocks; spoil the copy's block so it must be fetched.
+    let local = copy.join(&path);
+    let mut bytes = std::fs::read(&local).unwrap();
+    let bs = m.block_size as usize;
+    bytes[n * bs..(n + 1) * bs].fill(0x55);
+    std::fs::write(&local, bytes).unwrap();
+    let (st, out, err) = f.restore(&[
+        "--to",
+        "latest",
+        "--delta",
+        "--pgdata",
+        copy.to_str().unwrap(),
+    ]);
+    assert_exit(st, 1, &out, &err);
+    assert_mentions(
+        &err,
+        &[
+            &block.pack,
+            "incomplete and cannot be started",
+            "run the restore again",
+        ],
+    );
+    assert!(!copy.join("global/pg_control").exists());
 }
 
 /// 3b. A flipped byte in the backup manifest: the restore fails naming the manifest.
@@ -386,7 +445,15 @@ async fn damaged_manifest_fails_naming_it() {
             &["--to", "latest"]
         };
         let err = restore_fails(&f, &pgdata, extra);
-        assert_mentions(&err, &[&key, "corrupt"]);
+        assert_mentions(
+            &err,
+            &[
+                &key,
+                "corrupt",
+                "nothing was written",
+                &format!("move {key} out of backups/"),
+            ],
+        );
     }
 }
 
@@ -399,8 +466,20 @@ async fn missing_pack_fails_naming_it() {
     std::fs::remove_file(f.object(&block.pack)).unwrap();
     for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
         let err = restore_fails(&f, &pgdata, &["--to", "latest"]);
-        assert_mentions(&err, &[&block.pack, "not found"]);
+        assert_mentions(
+            &err,
+            &[
+                &block.pack,
+                "is missing from the repository",
+                &f.backup_id,
+                "take a new backup",
+            ],
+        );
     }
+    // The plan finds it: a dry run fails the same way.
+    let (st, out, err) = f.restore(&["--to", "latest", "--dry-run", "--pgdata", "/nonexistent"]);
+    assert_exit(st, 1, &out, &err);
+    assert_mentions(&err, &[&block.pack, "is missing from the repository"]);
 }
 
 /// 3d. A truncated pack: the restore fails naming the pack.
@@ -416,7 +495,7 @@ async fn truncated_pack_fails_naming_it() {
     drop(file);
     for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
         let err = restore_fails(&f, &pgdata, &["--to", "latest"]);
-        assert_mentions(&err, &[&block.pack, "truncated"]);
+        assert_mentions(&err, &[&block.pack, "is truncated", "take a new backup"]);
     }
 }
 
@@ -537,11 +616,247 @@ async fn missing_wal_segment_fails_the_plan() {
     for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
         for to in [&["--to", &target][..], &["--to", "latest"]] {
             let err = restore_fails(&f, &pgdata, to);
-            assert_mentions(&err, &[&seg, "missing from the repository"]);
+            assert_mentions(
+                &err,
+                &[
+                    &seg,
+                    "missing from the repository",
+                    "choose a target before",
+                ],
+            );
         }
     }
     // --dry-run says the same.
     let (st, out, err) = f.restore(&["--to", "latest", "--dry-run", "--pgdata", "/nonexistent"]);
     assert_exit(st, 1, &out, &err);
     assert_mentions(&err, &[&seg]);
+}
+
+/// About 120 MB that does not compress, so a backup writes several packs and takes a
+/// while: time to interrupt it.
+fn add_noise(pg: &PgCluster) {
+    pg.psql(
+        "postgres",
+        "create table noise as \
+         select g, (select string_agg(decode(md5(random()::text || g || i), 'hex'), ''::bytea) \
+                    from generate_series(1, 60) i) as b \
+         from generate_series(1, 120000) g",
+    )
+    .unwrap();
+}
+
+/// The manifests in the repository.
+fn manifests(f: &Fixture) -> Vec<String> {
+    match std::fs::read_dir(f.object("backups")) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".manifest"))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn pack_count(f: &Fixture) -> usize {
+    let Ok(rd) = std::fs::read_dir(f.object("packs")) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter_map(|d| std::fs::read_dir(d.path()).ok())
+        .map(|r| r.count())
+        .sum()
+}
+
+/// Waits until `agent`'s log contains `what`; false if it exited first or time ran out.
+fn wait_for_log(agent: &mut AgentProcess, what: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if agent.log().contains(what) {
+            return true;
+        }
+        if !agent.is_running() {
+            return agent.log().contains(what);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// "reused N of M blocks" from the backup summary.
+fn reused_blocks(stderr: &str) -> (u64, u64) {
+    let rest = stderr
+        .split("reused ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no reuse count in:\n{stderr}"));
+    let mut w = rest.split_whitespace();
+    let n = w.next().unwrap().parse().unwrap();
+    assert_eq!(w.next(), Some("of"));
+    (n, w.next().unwrap().parse().unwrap())
+}
+
+/// 7a. kill -9 of `walferry-agent backup` while it uploads: no backup is listed (no
+/// manifest), and the retry reuses the blocks of the packs the dead run stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_backup_is_not_listed_and_retry_reuses_blocks() {
+    let f = Fixture::streaming(&["-i", "-s", "1", "-q"]);
+    add_noise(&f.pg);
+    let log = f.scratch.path().join("backup.log");
+    let mut backup = AgentProcess::spawn(&f.backup_args(), &log).unwrap();
+    assert!(
+        wait_for_log(&mut backup, "pack stored", Duration::from_secs(120)),
+        "no pack was stored before the backup ended:\n{}",
+        backup.log()
+    );
+    backup.kill9().unwrap();
+    assert!(
+        !backup.log().contains(" done: "),
+        "the backup finished before it was killed:\n{}",
+        backup.log()
+    );
+    assert!(pack_count(&f) > 0);
+    assert_eq!(manifests(&f), Vec::<String>::new());
+
+    let (st, out, err) = f.restore(&["--to", "latest", "--dry-run", "--pgdata", "/nonexistent"]);
+    assert_exit(st, 1, &out, &err);
+    assert_mentions(&err, &["no backup", "walferry-agent backup"]);
+
+    let (st, out, err) = run_walferry("walferry-agent", &f.backup_args(), &[]).unwrap();
+    assert!(st.success(), "retry failed:\n{out}\n{err}");
+    let id = out.trim().to_string();
+    let (reused, total) = reused_blocks(&err);
+    assert!(
+        reused > 0 && reused < total,
+        "reused {reused} of {total}:\n{err}"
+    );
+    assert_eq!(manifests(&f), vec![format!("{id}.manifest")]);
+
+    // The retried backup restores (the reused blocks are found where the trailers say).
+    let mut f = f;
+    f.settle();
+    let pgdata = f.absent("restored");
+    let (st, out, err) = f.restore(&["--to", "latest", "--pgdata", pgdata.to_str().unwrap()]);
+    assert_exit(st, 0, &out, &err);
+    assert_mentions(&out, &[&id]);
+    assert!(pgdata.join("global/pg_control").exists());
+}
+
+/// 7b. PostgreSQL restarts in the middle of a backup: the backup fails with a clear
+/// connection error (exit 1), commits nothing, and the retry succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restart_during_backup_fails_cleanly() {
+    let mut f = Fixture::streaming(&["-i", "-s", "1", "-q"]);
+    add_noise(&f.pg);
+    let log = f.scratch.path().join("backup.log");
+    let mut backup = AgentProcess::spawn(&f.backup_args(), &log).unwrap();
+    assert!(
+        wait_for_log(&mut backup, "starting base backup", Duration::from_secs(60)),
+        "{}",
+        backup.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(backup.is_running(), "backup ended early:\n{}", backup.log());
+    f.pg.restart().unwrap();
+    let st = backup.wait(Duration::from_secs(120)).unwrap();
+    let text = backup.log();
+    assert_eq!(st.code(), Some(1), "{text}");
+    assert_mentions(&text, &["take a base backup", "connection"]);
+    assert_eq!(manifests(&f), Vec::<String>::new());
+
+    // The streamer reconnects; the retry succeeds and is listed.
+    let id = f.backup().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(manifests(&f), vec![format!("{id}.manifest")]);
+    f.settle();
+    let (st, out, err) = f.restore(&["--to", "latest", "--dry-run", "--pgdata", "/nonexistent"]);
+    assert_exit(st, 0, &out, &err);
+    assert_mentions(&out, &[&id]);
+}
+
+/// Stops a server `walferry-restore --start` left running, when the test ends.
+struct StopOnDrop<'a>(&'a PgCluster, PathBuf);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.1.join("postmaster.pid").exists() {
+            let _ = self
+                .0
+                .command("pg_ctl")
+                .arg("-D")
+                .arg(&self.1)
+                .args(["-m", "immediate", "-w", "stop"])
+                .output();
+        }
+    }
+}
+
+fn chmod(path: &Path, mode: &str, recursive: bool) {
+    let mut c = std::process::Command::new("chmod");
+    if recursive {
+        c.arg("-R");
+    }
+    assert!(c.arg(mode).arg(path).status().unwrap().success());
+}
+
+/// 8. A damaged sealed segment that recovery needs: wal-fetch fails inside
+/// restore_command, and recovery stops loudly instead of ending early.
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_segment_fails_recovery_loudly() {
+    let mut f = Fixture::new();
+    let m = f.manifest().await;
+    for i in 0..2 {
+        f.pg.psql(
+            "postgres",
+            &format!("insert into after_backup select g from generate_series(1, 1000) g; select {i}"),
+        )
+        .unwrap();
+        f.settle();
+    }
+    let size = crate::streaming::SEG;
+    let seg = walferry_formats::WalFileName::Segment {
+        tli: m.end_timeline,
+        segno: walferry_formats::SegmentNo(m.end_lsn.segment(size).0 + 1),
+    }
+    .format(size);
+    let obj = f.object(&format!("wal/{:08X}/{seg}", m.end_timeline.0));
+    let len = std::fs::metadata(&obj).unwrap().len();
+    flip_byte(&obj, len / 2);
+
+    // restore_command runs as the server's user: let it read the key and the repository.
+    let key = f.key_file();
+    if walferry_tests::pg::running_as_root() {
+        walferry_tests::pg::give_to_postgres(&key).unwrap();
+    }
+    chmod(key.parent().unwrap(), "711", false);
+    let repo = f.repo_dir();
+    chmod(repo.parent().unwrap(), "a+rx", false);
+    chmod(&repo, "a+rX", true);
+
+    let pgdata = f.pg.make_dir("restore-parent").unwrap().join("pgdata");
+    let _stop = StopOnDrop(&f.pg, pgdata.clone());
+    let port = format!("port={}", walferry_tests::pg::free_port().unwrap());
+    let (st, out, err) = f.restore(&[
+        "--to",
+        "latest",
+        "--pgdata",
+        pgdata.to_str().unwrap(),
+        "--start",
+        "--start-timeout",
+        "120s",
+        "--pg-option",
+        &port,
+    ]);
+    assert_exit(st, 1, &out, &err);
+    assert_mentions(
+        &err,
+        &[
+            "recovery failed",
+            &seg,
+            "corrupt",
+            "wal-fetch failed",
+            "the repository is damaged",
+        ],
+    );
+    assert!(
+        !err.contains("recovery complete") && !out.contains("recovery complete"),
+        "{out}"
+    );
 }
