@@ -83,6 +83,7 @@ PORT_SRC=$((20000 + RANDOM % 20000))
 PORT_DST=$((PORT_SRC + 1))
 
 AGENT_PID=
+RESTORE_STARTED=
 cleanup() {
   local rc=$?
   set +e
@@ -90,6 +91,11 @@ cleanup() {
   if [ -n "$AGENT_PID" ] && kill -0 "$AGENT_PID" 2>/dev/null; then
     kill -TERM "$AGENT_PID" 2>/dev/null
     wait "$AGENT_PID" 2>/dev/null
+  fi
+  if [ -n "$RESTORE_STARTED" ] && [ -d "$DST" ] && [ ! -f "$DST/postmaster.pid" ]; then
+    # A failed `--start` may leave a server that is still starting: give it a moment to
+    # write postmaster.pid, so that it can be stopped before its directory is removed.
+    for _ in $(seq 1 50); do [ -f "$DST/postmaster.pid" ] && break; sleep 0.1; done
   fi
   for d in "$DST" "$SRC"; do
     if [ -f "$d/postmaster.pid" ]; then
@@ -202,6 +208,7 @@ say "What the repository holds: walferry-agent list"
 
 # ---- 6. restore to T ----------------------------------------------------------------------
 say "Restore to T: walferry-restore --repo $REPO --key-file master.key --to '$T' --pgdata $DST --start --pg-option port=$PORT_DST --pg-option unix_socket_directories=$SOCK"
+RESTORE_STARTED=1
 if ! "$RESTORE" --repo "$REPO" --key-file "$KEY" --to "$T" --pgdata "$DST" --start \
   --pg-option "port=$PORT_DST" --pg-option "unix_socket_directories=$SOCK" 2>&1 | sed 's/^/    /'; then
   die "restore failed"

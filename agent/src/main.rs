@@ -298,7 +298,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 progress.update(b)
             })
             .await
-            .context("take a base backup")?;
+            .map_err(|e| {
+                progress.finish();
+                anyhow::anyhow!(
+                    "take a base backup: {e:#}\nNo backup was committed (no manifest was written). Once the cause is fixed, run `walferry-agent backup` again; blocks already stored are reused"
+                )
+            })?;
             progress.finish();
             let secs = m.stats.duration_ms as f64 / 1000.0;
             let total_blocks = m.stats.new_blocks + m.stats.reused_blocks;

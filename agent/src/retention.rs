@@ -647,7 +647,7 @@ pub fn print(plan: &Plan) {
     }
     let t = &plan.totals;
     println!(
-        "{}: {} manifest(s) ({}), {} pack(s) ({}), {} WAL object(s) ({}); {} {}",
+        "{}: {} manifest(s) ({}), {} pack(s) ({}), {} WAL object(s) ({}); {} in total",
         if plan.dry_run { "would free" } else { "freed" },
         t.manifests.objects,
         mb(t.manifests.bytes),
@@ -655,8 +655,7 @@ pub fn print(plan: &Plan) {
         mb(t.packs.bytes),
         t.wal.objects,
         mb(t.wal.bytes),
-        mb(t.bytes),
-        "in total"
+        mb(t.bytes)
     );
 }
 

@@ -106,7 +106,7 @@ impl RepoView {
             histories.insert(tli, parse_history(&plain).map_err(|e| e.at(&key))?);
         }
         let mut backups = backups;
-        backups.sort_by(|a, b| a.start_lsn.cmp(&b.start_lsn));
+        backups.sort_by_key(|b| b.start_lsn);
         Ok(RepoView {
             size,
             backups,
@@ -125,11 +125,8 @@ impl RepoView {
 
     /// The timelines leading to `tli`, oldest first: (timeline, where it ends on this path).
     pub fn path_to(&self, tli: TimelineId) -> Vec<(TimelineId, Lsn)> {
-        let mut path: Vec<(TimelineId, Lsn)> = self
-            .histories
-            .get(&tli)
-            .map(|h| h.clone())
-            .unwrap_or_default();
+        let mut path: Vec<(TimelineId, Lsn)> =
+            self.histories.get(&tli).cloned().unwrap_or_default();
         path.push((tli, Lsn(u64::MAX)));
         path
     }

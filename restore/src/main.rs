@@ -261,7 +261,10 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
 
 fn key_value(flag: &str, s: &str) -> Result<(String, String), UsageError> {
     match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        // An empty value is legitimate for --pg-option (listen_addresses=), not for a map.
+        Some((k, v)) if !k.is_empty() && (flag == "--pg-option" || !v.is_empty()) => {
+            Ok((k.to_string(), v.to_string()))
+        }
         _ => Err(UsageError(format!("{flag}: expected KEY=VALUE, got {s:?}"))),
     }
 }

@@ -176,10 +176,13 @@ async fn write_all(
     manifest: &BackupManifest,
     opts: &Options,
 ) -> anyhow::Result<Stats> {
-    // Every tablespace directory is checked before anything is written.
+    // Every tablespace directory is checked before anything is written. --delta reuses a
+    // non-empty one only when it is named in --tablespace-map: the location recorded in
+    // the backup may be the live tablespace of the cluster that was backed up.
     for t in &manifest.tablespaces {
         let d = tablespace_dir(manifest, opts, t.oid)?;
-        check_target(&d, opts.delta).with_context(|| {
+        let reuse = opts.delta && opts.tablespace_map.contains_key(&t.oid);
+        check_target(&d, reuse).with_context(|| {
             format!(
                 "tablespace {} goes to {}; to put it elsewhere, pass --tablespace-map {}=DIR",
                 t.oid,

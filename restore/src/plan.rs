@@ -186,8 +186,7 @@ pub fn plan(view: &RepoView, target: &Target, backup: Option<&str>) -> anyhow::R
                     .backups
                     .iter()
                     .filter(|b| on_path(&path, b.timeline, b.end_lsn))
-                    .filter(|b| b.start_lsn >= gap.end && b.end_lsn <= stop)
-                    .next_back();
+                    .rfind(|b| b.start_lsn >= gap.end && b.end_lsn <= stop);
                 match later {
                     Some(b) => format!(
                         "choose a target before {}, or restore from backup {} (--backup {}), which starts after the gap",

@@ -174,13 +174,19 @@ pub fn start_and_follow(
             explain_log(&read(&log)).join("\n")
         );
     }
-    let deadline = Instant::now() + timeout;
+    let began = Instant::now();
+    let deadline = began + timeout;
+    // `pg_ctl -W` returns before the postmaster has written postmaster.pid; on a busy
+    // machine that can take well over a second. Until the pid file has been seen, its
+    // absence means "still starting" (for a grace period), not "stopped".
+    let mut seen_pid = false;
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let text = read(&log);
         let pid_file = pgdata.join("postmaster.pid");
-        let running = std::fs::read_to_string(&pid_file)
-            .ok()
+        let pid_text = std::fs::read_to_string(&pid_file).ok();
+        seen_pid |= pid_text.is_some();
+        let running = pid_text
             .and_then(|t| {
                 t.lines()
                     .next()
@@ -188,7 +194,9 @@ pub fn start_and_follow(
             })
             .and_then(|p| std::fs::read_to_string(p).ok())
             .is_some_and(|s| !s.contains("State:\tZ"));
-        if !running
+        let starting =
+            !seen_pid && !text.contains("FATAL:") && began.elapsed() < Duration::from_secs(60);
+        if !running && !starting
             || text.contains("FATAL:") && text.contains("startup process")
             || text.contains("PANIC:")
         {

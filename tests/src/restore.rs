@@ -9,6 +9,7 @@
 use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -194,7 +195,7 @@ impl std::fmt::Display for RestoreRun {
 pub struct RestoredCluster {
     pub pgdata: PathBuf,
     pub sock: PathBuf,
-    pub port: u16,
+    port: AtomicU16,
     bin: PathBuf,
 }
 
@@ -205,7 +206,7 @@ impl RestoredCluster {
         Ok(RestoredCluster {
             pgdata: source.root_dir().join(format!("restore-{name}")),
             sock: source.make_dir(&format!("rsock-{name}"))?,
-            port: unique_port()?,
+            port: AtomicU16::new(unique_port()?),
             bin: pg_bin_dir()?,
         })
     }
@@ -216,7 +217,7 @@ impl RestoredCluster {
             "--pgdata".into(),
             self.pgdata.display().to_string(),
             "--pg-option".into(),
-            format!("port={}", self.port),
+            format!("port={}", self.port()),
             "--pg-option".into(),
             format!("unix_socket_directories={}", self.sock.display()),
             // Keep few WAL segments around: test machines pay for every byte on removal.
@@ -230,17 +231,44 @@ impl RestoredCluster {
     /// `walferry-restore ARGS --pgdata DIR --pg-option ...` into this directory, where ARGS
     /// hold the target (`--to latest`, `--to-lsn X/X`, ...) and flags (`--start`, `--delta`,
     /// `--tablespace-map`). Fails unless walferry-restore exits 0.
+    ///
+    /// With `--start`, when another process took the port first, the directory is
+    /// cleared and the restore runs again on a new port (twice at most).
     pub fn restore(&self, repo: &RestoreRepo, args: &[String]) -> Result<RestoreRun> {
-        let mut all: Vec<String> = args.to_vec();
-        all.extend(self.restore_args());
-        if args.iter().any(|a| a == "--start") {
-            all.extend(["--start-timeout".into(), "90s".into()]);
+        let start = args.iter().any(|a| a == "--start");
+        let fresh = std::fs::read_dir(&self.pgdata).map_or(true, |mut d| d.next().is_none());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut all: Vec<String> = args.to_vec();
+            all.extend(self.restore_args());
+            if start {
+                all.extend(["--start-timeout".into(), "90s".into()]);
+            }
+            let run = repo.restore(&all)?;
+            if run.status.success() {
+                return Ok(run);
+            }
+            let log = self.recovery_log();
+            let port_taken = [
+                "could not create any TCP/IP sockets",
+                "Address already in use",
+            ]
+            .iter()
+            .any(|m| log.contains(m) || run.stdout.contains(m) || run.stderr.contains(m));
+            if start && fresh && port_taken && attempt < 3 && !self.is_running() {
+                eprintln!("port {} was taken; restoring again on another", self.port());
+                std::fs::remove_dir_all(&self.pgdata)
+                    .with_context(|| format!("clear {}", self.pgdata.display()))?;
+                self.port.store(unique_port()?, Ordering::SeqCst);
+                continue;
+            }
+            bail!("{run}\n--- recovery log ---\n{log}");
         }
-        let run = repo.restore(&all)?;
-        if !run.status.success() {
-            bail!("{run}\n--- recovery log ---\n{}", self.recovery_log());
-        }
-        Ok(run)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port.load(Ordering::SeqCst)
     }
 
     /// The server log `--start` writes (empty when none).
@@ -252,7 +280,7 @@ impl RestoredCluster {
     pub fn command(&self, bin: &str) -> Command {
         let mut c = as_postgres(&self.bin.join(bin));
         c.env("PGHOST", &self.sock)
-            .env("PGPORT", self.port.to_string())
+            .env("PGPORT", self.port().to_string())
             .env("PGUSER", SUPERUSER)
             .env("PGDATABASE", "postgres")
             .env_remove("PGPASSWORD")

@@ -29,7 +29,7 @@ struct Source {
 }
 
 impl Source {
-    /// `prepare` runs in `postgres` before `db` is created (e.g. extensions for template1).
+    /// `prepare`: (database, SQL) run before `db` is created (e.g. extensions for template1).
     fn start(target: StoreTarget, prepare: &[(&str, &str)]) -> Source {
         let pg = PgCluster::start().unwrap();
         for (db, sql) in prepare {
@@ -89,7 +89,7 @@ struct Moment {
 
 /// Restores `m` into a fresh directory with `--start`, checks the plan, recovery's stop
 /// line and the data, and stops the restored server.
-fn restore_and_compare(src: &Source, m: &Moment) -> RestoreRun {
+fn restore_and_compare(src: &Source, m: &Moment) {
     let began = Instant::now();
     let rc = RestoredCluster::new(&src.pg, m.name).unwrap();
     let mut args = m.target.clone();
@@ -130,7 +130,6 @@ fn restore_and_compare(src: &Source, m: &Moment) -> RestoreRun {
         began.elapsed().as_secs_f64(),
         restored.rows()
     );
-    run
 }
 
 fn assert_all_distinct(moments: &[Moment]) {
@@ -639,6 +638,11 @@ async fn delta_restore_reuses_matching_blocks() {
         .blocks_reused()
         .unwrap_or_else(|| panic!("the delta restore did not report reused blocks:\n{run2}"));
     assert!(reused > 0, "no block was reused:\n{run2}");
+    for l in run1.stdout.lines().chain(run2.stdout.lines()) {
+        if l.starts_with("restored ") {
+            eprintln!("{l}");
+        }
+    }
     second
         .assert_same(&rc.dump(DB).unwrap(), "second target (delta)")
         .unwrap_or_else(|e| panic!("{e:#}\n{run2}"));

@@ -86,6 +86,10 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("{e}\n{}", self.agent.log()));
     }
 
+    fn agent_log(&self) -> String {
+        self.agent.log()
+    }
+
     /// `walferry-agent backup`: the new backup id, or the failure with its output.
     fn backup(&self) -> Result<String, String> {
         let (st, out, err) = run_walferry("walferry-agent", &self.backup_args(), &[]).unwrap();
@@ -215,7 +219,7 @@ fn assert_mentions(text: &str, wanted: &[&str]) {
     }
 }
 
-/// 1. Targets outside the restorable window fail before anything is written, and say
+/// Targets outside the restorable window fail before anything is written, and say
 /// what the window is.
 #[tokio::test(flavor = "multi_thread")]
 async fn targets_outside_the_window() {
@@ -286,7 +290,7 @@ fn restore_fails(f: &Fixture, pgdata: &Path, extra: &[&str]) -> String {
     err
 }
 
-/// 2. Key problems: the wrong key, no key for an encrypted repository, a key file others
+/// Key problems: the wrong key, no key for an encrypted repository, a key file others
 /// can read. Each names the problem and what to do, and writes nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn key_problems_are_refused() {
@@ -366,13 +370,28 @@ fn needed_block(m: &BackupManifest) -> (String, usize, walferry_formats::backup:
     (file.path.clone(), n, m.blocks[b as usize].clone())
 }
 
+/// The sealed segment object `key`, once the archiver has written it.
+fn wait_sealed(f: &Fixture, key: &str) -> PathBuf {
+    let obj = f.object(key);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !obj.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{key} was not sealed within 60 s:\n{}",
+            f.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    obj
+}
+
 fn flip_byte(path: &Path, at: u64) {
     let mut bytes = std::fs::read(path).unwrap();
     bytes[at as usize] ^= 0x40;
     std::fs::write(path, bytes).unwrap();
 }
 
-/// 3a. One flipped byte inside a pack, in a block the restore needs: the restore fails
+/// One flipped byte inside a pack, in a block the restore needs: the restore fails
 /// naming the pack and the file, and removes what it wrote. A --delta restore that has
 /// to fetch that block fails too, and leaves no directory PostgreSQL would start.
 #[tokio::test(flavor = "multi_thread")]
@@ -430,7 +449,7 @@ async fn damaged_pack_fails_naming_pack_and_file() {
     assert!(!copy.join("global/pg_control").exists());
 }
 
-/// 3b. A flipped byte in the backup manifest: the restore fails naming the manifest.
+/// A flipped byte in the backup manifest: the restore fails naming the manifest.
 #[tokio::test(flavor = "multi_thread")]
 async fn damaged_manifest_fails_naming_it() {
     let f = Fixture::new();
@@ -457,7 +476,7 @@ async fn damaged_manifest_fails_naming_it() {
     }
 }
 
-/// 3c. A deleted pack: the restore fails naming the missing pack.
+/// A deleted pack: the restore fails naming the missing pack.
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_pack_fails_naming_it() {
     let f = Fixture::new();
@@ -482,7 +501,7 @@ async fn missing_pack_fails_naming_it() {
     assert_mentions(&err, &[&block.pack, "is missing from the repository"]);
 }
 
-/// 3d. A truncated pack: the restore fails naming the pack.
+/// A truncated pack: the restore fails naming the pack.
 #[tokio::test(flavor = "multi_thread")]
 async fn truncated_pack_fails_naming_it() {
     let f = Fixture::new();
@@ -499,7 +518,7 @@ async fn truncated_pack_fails_naming_it() {
     }
 }
 
-/// 4. The target directory: a non-empty one (without --delta), and one a server runs on.
+/// The target directory: a non-empty one (without --delta), and one a server runs on.
 #[tokio::test(flavor = "multi_thread")]
 async fn occupied_or_live_target_is_refused() {
     let f = Fixture::new();
@@ -542,7 +561,7 @@ async fn occupied_or_live_target_is_refused() {
     assert_mentions(&err, &["is running on", "stop it first"]);
 }
 
-/// 5. Malformed times are usage errors (exit 2), caught before the repository or the
+/// Malformed times are usage errors (exit 2), caught before the repository or the
 /// target directory is touched.
 #[test]
 fn malformed_time_is_a_usage_error() {
@@ -578,7 +597,7 @@ fn malformed_time_is_a_usage_error() {
     }
 }
 
-/// 6. A WAL segment between the backup and the target is missing: the plan fails naming
+/// A WAL segment between the backup and the target is missing: the plan fails naming
 /// it, before anything is written.
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_wal_segment_fails_the_plan() {
@@ -608,9 +627,7 @@ async fn missing_wal_segment_fails_the_plan() {
     }
     .format(crate::streaming::SEG);
     let key = format!("wal/{:08X}/{seg}", m.end_timeline.0);
-    let sealed = f.object(&key);
-    assert!(sealed.exists(), "{key} should be sealed by now");
-    std::fs::remove_file(&sealed).unwrap();
+    std::fs::remove_file(wait_sealed(&f, &key)).unwrap();
     let _ = std::fs::remove_dir_all(f.object(&format!("{key}.parts")));
 
     for pgdata in [f.absent("absent"), f.empty_dir("empty")] {
@@ -632,7 +649,7 @@ async fn missing_wal_segment_fails_the_plan() {
     assert_mentions(&err, &[&seg]);
 }
 
-/// About 120 MB that does not compress, so a backup writes several packs and takes a
+/// About 80 MB that does not compress, so a backup writes several packs and takes a
 /// while: time to interrupt it.
 fn add_noise(pg: &PgCluster) {
     pg.psql(
@@ -640,7 +657,7 @@ fn add_noise(pg: &PgCluster) {
         "create table noise as \
          select g, (select string_agg(decode(md5(random()::text || g || i), 'hex'), ''::bytea) \
                     from generate_series(1, 60) i) as b \
-         from generate_series(1, 120000) g",
+         from generate_series(1, 80000) g",
     )
     .unwrap();
 }
@@ -694,7 +711,7 @@ fn reused_blocks(stderr: &str) -> (u64, u64) {
     (n, w.next().unwrap().parse().unwrap())
 }
 
-/// 7a. kill -9 of `walferry-agent backup` while it uploads: no backup is listed (no
+/// kill -9 of `walferry-agent backup` while it uploads: no backup is listed (no
 /// manifest), and the retry reuses the blocks of the packs the dead run stored.
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_backup_is_not_listed_and_retry_reuses_blocks() {
@@ -724,6 +741,7 @@ async fn killed_backup_is_not_listed_and_retry_reuses_blocks() {
     assert!(st.success(), "retry failed:\n{out}\n{err}");
     let id = out.trim().to_string();
     let (reused, total) = reused_blocks(&err);
+    eprintln!("retry: reused {reused} of {total} blocks");
     assert!(
         reused > 0 && reused < total,
         "reused {reused} of {total}:\n{err}"
@@ -740,7 +758,7 @@ async fn killed_backup_is_not_listed_and_retry_reuses_blocks() {
     assert!(pgdata.join("global/pg_control").exists());
 }
 
-/// 7b. PostgreSQL restarts in the middle of a backup: the backup fails with a clear
+/// PostgreSQL restarts in the middle of a backup: the backup fails with a clear
 /// connection error (exit 1), commits nothing, and the retry succeeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_restart_during_backup_fails_cleanly() {
@@ -759,7 +777,15 @@ async fn postgres_restart_during_backup_fails_cleanly() {
     let st = backup.wait(Duration::from_secs(120)).unwrap();
     let text = backup.log();
     assert_eq!(st.code(), Some(1), "{text}");
-    assert_mentions(&text, &["take a base backup", "connection"]);
+    assert_mentions(
+        &text,
+        &[
+            "take a base backup",
+            "the server closed the connection",
+            "No backup was committed",
+            "run `walferry-agent backup` again",
+        ],
+    );
     assert_eq!(manifests(&f), Vec::<String>::new());
 
     // The streamer reconnects; the retry succeeds and is listed.
@@ -796,7 +822,7 @@ fn chmod(path: &Path, mode: &str, recursive: bool) {
     assert!(c.arg(mode).arg(path).status().unwrap().success());
 }
 
-/// 8. A damaged sealed segment that recovery needs: wal-fetch fails inside
+/// A damaged sealed segment that recovery needs: wal-fetch fails inside
 /// restore_command, and recovery stops loudly instead of ending early.
 #[tokio::test(flavor = "multi_thread")]
 async fn damaged_segment_fails_recovery_loudly() {
@@ -805,7 +831,9 @@ async fn damaged_segment_fails_recovery_loudly() {
     for i in 0..2 {
         f.pg.psql(
             "postgres",
-            &format!("insert into after_backup select g from generate_series(1, 1000) g; select {i}"),
+            &format!(
+                "insert into after_backup select g from generate_series(1, 1000) g; select {i}"
+            ),
         )
         .unwrap();
         f.settle();
@@ -816,7 +844,7 @@ async fn damaged_segment_fails_recovery_loudly() {
         segno: walferry_formats::SegmentNo(m.end_lsn.segment(size).0 + 1),
     }
     .format(size);
-    let obj = f.object(&format!("wal/{:08X}/{seg}", m.end_timeline.0));
+    let obj = wait_sealed(&f, &format!("wal/{:08X}/{seg}", m.end_timeline.0));
     let len = std::fs::metadata(&obj).unwrap().len();
     flip_byte(&obj, len / 2);
 

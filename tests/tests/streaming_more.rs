@@ -533,7 +533,7 @@ async fn sigterm_during_load_reports_final_flush() {
     let start = current_lsn(&pg);
     let mut bench = pg
         .command("pgbench")
-        .args(["-c", "4", "-j", "2", "-T", "12", "-n"])
+        .args(["-c", "4", "-j", "2", "-T", "120", "-n"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -573,6 +573,11 @@ async fn sigterm_during_load_reports_final_flush() {
         bench.try_wait().unwrap().is_none(),
         "the load should still be running when the agent stopped"
     );
+    // Stop the load (runuser passes SIGTERM on to pgbench).
+    Command::new("kill")
+        .args(["-TERM", &bench.id().to_string()])
+        .status()
+        .unwrap();
     bench.wait().unwrap();
 
     // What the repository holds matches the server, up to `end`.
