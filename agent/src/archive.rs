@@ -73,7 +73,7 @@ struct Done {
 pub enum ArchiveError {
     #[error("WAL arrived at {got}, but the archiver expected {expected}: refusing to leave a gap or write twice")]
     NotContiguous { expected: Lsn, got: Lsn },
-    #[error("store WAL: {0}")]
+    #[error("store WAL")]
     Store(#[from] Error),
     #[error("an upload task failed: {0}")]
     Task(String),

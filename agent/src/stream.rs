@@ -235,6 +235,18 @@ async fn resume_point(
                  or use a new repository"
             )));
         }
+        // The slot holds everything not yet reported durable. If it is behind the stored
+        // end (a kill -9 before the last status update, or an upload that failed for good
+        // while later ones landed), stream again from its segment: re-stored objects are
+        // recognised as identical, and no hole can hide behind a newer sealed segment.
+        let same_tli = slot.restart_tli.is_none_or(|t| t == tli);
+        if let Some(restart) = slot.restart_lsn.filter(|r| *r < end && same_tli) {
+            let from = restart
+                .segment(size)
+                .start_lsn(size)
+                .ok_or_else(|| anyhow!("segment start of {restart} overflows"))?;
+            return Ok((tli, from));
+        }
         return Ok((tli, end));
     }
     let (lsn, tli) = match (slot.restart_lsn, slot.restart_tli) {
@@ -280,7 +292,10 @@ async fn stream_timeline(
         .start_replication(Some(&cfg.slot), a.received(), a.timeline())
         .await
         .map_err(|e| {
-            if e.is_wal_removed() {
+            if e.server_error().is_some_and(|s| s.message.contains("ahead of the WAL flush position")) {
+                // A standby that restarted has not replayed up to us yet: wait for it.
+                anyhow::Error::new(e)
+            } else if e.is_wal_removed() {
                 permanent(anyhow!(
                     "{e}: WAL the repository still needs is gone from the server. Take a new base backup; \
                      the repository has a gap before it"

@@ -56,6 +56,8 @@ const TAIL_GUESS: u64 = 256 << 10;
 const PACKS_IN_FLIGHT: usize = 4;
 const WAL_IN_FLIGHT: usize = 8;
 const SMALL_IN_FLIGHT: usize = 16;
+/// Manifests are read whole and can be large (one reference per block).
+const MANIFESTS_IN_FLIGHT: usize = 4;
 
 /// What to check.
 #[derive(Clone, Debug, Default)]
@@ -628,6 +630,7 @@ pub async fn verify(
     let mut packs = Vec::new();
     let mut wal = Vec::new();
     let mut others = Vec::new();
+    let mut unknown = Vec::new();
     for o in &listed {
         match classify(&o.key, size) {
             Class::Config | Class::Cluster => {}
@@ -646,11 +649,24 @@ pub async fn verify(
                     continue;
                 }
                 run.with(|a| a.checked.other += 1);
-                notes.push(format!("{}: not a walferry object; not checked", o.key));
+                unknown.push(o.key.clone());
             }
         }
     }
     let run = run;
+    if !unknown.is_empty() {
+        let more = unknown.len().saturating_sub(5);
+        unknown.truncate(5);
+        notes.push(format!(
+            "not walferry objects, not checked: {}{}",
+            unknown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
 
     // Small framed objects that nothing else reads: keys, older verify records.
     futures::stream::iter(others)
@@ -1003,7 +1019,7 @@ async fn check_manifests(
                 refs: Some(refs),
             })
         })
-        .buffer_unordered(SMALL_IN_FLIGHT)
+        .buffer_unordered(MANIFESTS_IN_FLIGHT)
         .collect()
         .await;
     let mut backups: Vec<Backup> = results.into_iter().flatten().collect();

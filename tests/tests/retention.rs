@@ -82,7 +82,7 @@ impl Source {
             .pg
             .psql("postgres", "select pg_current_wal_lsn()")
             .unwrap();
-        wait_durable(&self.pg, &lsn, Duration::from_secs(90))
+        wait_durable(&self.pg, &lsn, Duration::from_secs(300))
             .unwrap_or_else(|e| panic!("{e:#}\nagent log:\n{}", self.agent.log()));
     }
 

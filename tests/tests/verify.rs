@@ -558,7 +558,7 @@ async fn tamper_matrix() {
         assert_eq!(d.affects.backups, vec![a.clone()]);
         assert!(d.affects.every_restore, "{d:#?}");
         // B still restores; the window now opens when B finished.
-        assert_eq!(r.windows, vec![window(1, &b_finished, &ideal_to)]);
+        assert_eq!(r.windows, vec![window(1, b_finished, &ideal_to)]);
         let r = c.report(false, &[], 1);
         damaged(&r, &key);
     }
