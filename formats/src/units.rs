@@ -55,6 +55,18 @@ impl Units {
         &self.keyring
     }
 
+    /// Runs codec work on the blocking pool, at most one task per core.
+    async fn on_pool<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Keyring) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let _permit = self.cpu.acquire().await.map_err(|_| Error::Compress {
+            reason: "worker pool closed".into(),
+        })?;
+        let keyring = self.keyring.clone();
+        blocking(move || f(&keyring)).await
+    }
+
     /// Seals `plaintext` under `identity` (an object key, or a block id) off the async threads.
     pub async fn seal(
         &self,
@@ -62,13 +74,9 @@ impl Units {
         kind: Kind,
         plaintext: Bytes,
     ) -> Result<Bytes, Error> {
-        let _permit = self.cpu.acquire().await.map_err(|_| Error::Compress {
-            reason: "worker pool closed".into(),
-        })?;
-        let keyring = self.keyring.clone();
         let identity = identity.as_ref().to_vec();
         let level = self.level;
-        blocking(move || {
+        self.on_pool(move |keyring| {
             SEALER.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 let sealer = match slot.as_mut() {
@@ -76,7 +84,7 @@ impl Units {
                     _ => slot.insert(Sealer::new(level)?),
                 };
                 sealer
-                    .seal(kind, &identity, &plaintext, &keyring)
+                    .seal(kind, &identity, &plaintext, keyring)
                     .map(Bytes::from)
             })
         })
@@ -90,22 +98,9 @@ impl Units {
         kind: Kind,
         sealed: Bytes,
     ) -> Result<Bytes, Error> {
-        let _permit = self.cpu.acquire().await.map_err(|_| Error::Decompress {
-            reason: "worker pool closed".into(),
-        })?;
-        let keyring = self.keyring.clone();
         let identity = identity.as_ref().to_vec();
-        blocking(move || {
-            OPENER.with(|cell| {
-                let mut slot = cell.borrow_mut();
-                let opener = match slot.as_mut() {
-                    Some(o) => o,
-                    None => slot.insert(Opener::new()?),
-                };
-                opener
-                    .open(&sealed, kind, &identity, &keyring)
-                    .map(Bytes::from)
-            })
+        self.on_pool(move |keyring| {
+            with_opener(|o| o.open(&sealed, kind, &identity, keyring).map(Bytes::from))
         })
         .await
     }
@@ -113,25 +108,14 @@ impl Units {
     /// Opens a block envelope and checks that its plaintext hashes to `id`, so a block
     /// that decrypts but is not the one the manifest asked for is never written out.
     pub async fn open_block(&self, id: [u8; 32], sealed: Bytes) -> Result<Bytes, Error> {
-        let _permit = self.cpu.acquire().await.map_err(|_| Error::Decompress {
-            reason: "worker pool closed".into(),
-        })?;
-        let keyring = self.keyring.clone();
-        blocking(move || {
-            OPENER.with(|cell| {
-                let mut slot = cell.borrow_mut();
-                let opener = match slot.as_mut() {
-                    Some(o) => o,
-                    None => slot.insert(Opener::new()?),
-                };
-                let plain = opener.open(&sealed, Kind::Block, &id, &keyring)?;
-                if keyring.block_id(&plain) != id {
-                    return Err(Error::BlockHashMismatch {
-                        id: hex::encode(id),
-                    });
-                }
-                Ok(Bytes::from(plain))
-            })
+        self.on_pool(move |keyring| {
+            let plain = with_opener(|o| o.open(&sealed, Kind::Block, &id, keyring))?;
+            if keyring.block_id(&plain) != id {
+                return Err(Error::BlockHashMismatch {
+                    id: hex::encode(id),
+                });
+            }
+            Ok(Bytes::from(plain))
         })
         .await
     }
@@ -162,6 +146,18 @@ impl Units {
         let sealed = self.repo.get(key).await?;
         self.open(key, kind, sealed).await
     }
+}
+
+/// This thread's reusable opener (one zstd context per pool thread).
+fn with_opener<T>(f: impl FnOnce(&mut Opener) -> Result<T, Error>) -> Result<T, Error> {
+    OPENER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let opener = match slot.as_mut() {
+            Some(o) => o,
+            None => slot.insert(Opener::new()?),
+        };
+        f(opener)
+    })
 }
 
 async fn blocking<T: Send + 'static>(
