@@ -280,12 +280,25 @@ pub async fn load_known_blocks(units: &Units) -> anyhow::Result<HashMap<BlockId,
                 .ok_or_else(|| anyhow!("{} is truncated", p.key))?;
             tail = units.repo().get_range(&p.key, start..p.size).await?;
         }
-        let sealed = Bytes::copy_from_slice(trailer_from_tail(&tail)?);
-        let plain = units
-            .open(&p.key, Kind::PackTrailer, sealed)
-            .await
-            .with_context(|| format!("open the trailer of {}", p.key))?;
-        for e in parse_trailer(&plain)? {
+        // A damaged trailer only means its blocks are not reused: warn, and back up anyway.
+        let entries = match trailer_from_tail(&tail) {
+            Ok(t) => match units
+                .open(&p.key, Kind::PackTrailer, Bytes::copy_from_slice(t))
+                .await
+            {
+                Ok(plain) => parse_trailer(&plain).map_err(anyhow::Error::from),
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        };
+        let entries = match entries {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("pack {} has an unreadable trailer, its blocks will not be reused (run `walferry-restore verify`): {e:#}", p.key);
+                continue;
+            }
+        };
+        for e in entries {
             known.insert(
                 e.id,
                 BlockRef {

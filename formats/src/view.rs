@@ -154,8 +154,11 @@ impl RepoView {
         let to = self
             .index
             .iter()
-            .filter(|e| on_path(&path, e.tli, e.start))
-            .filter_map(|e| e.summary.last_commit.and_then(|c| c.time.to_timestamp()))
+            .filter_map(|e| e.summary.last_commit.map(|c| (e.tli, c)))
+            // By the commit's own position: a new timeline's first segment starts before
+            // the switch point, yet its commits after the switch are on the path.
+            .filter(|(tli, c)| on_path(&path, *tli, c.lsn))
+            .filter_map(|(_, c)| c.time.to_timestamp())
             .max()?;
         (to > from).then_some((from, to))
     }

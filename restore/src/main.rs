@@ -228,10 +228,17 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let env_key = std::env::var("WALFERRY_KEY").ok();
             let master = MasterKey::resolve(repo.key_file.as_deref(), env_key.as_deref())
                 .context("load the master key")?;
+            // As RepoArgs::open parses them (verify opens the store itself: without a key
+            // it reads an encrypted repository's framing only).
             let options = repo
                 .repo_options
                 .iter()
-                .map(|o| key_value("--repo-option", o))
+                .map(|o| match o.split_once('=') {
+                    Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                    _ => Err(UsageError(format!(
+                        "--repo-option: expected KEY=VALUE, got {o:?}"
+                    ))),
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let r = Repository::open(&repo.repo, options).context("open the repository URL")?;
             let report =

@@ -104,12 +104,12 @@ pub fn plan(view: &RepoView, target: &Target, backup: Option<&str>) -> anyhow::R
             let stop = view
                 .index
                 .iter()
-                .filter(|e| on_path(&path, e.tli, e.start) && e.end > chosen.1.end_lsn)
+                .filter(|e| e.end > chosen.1.end_lsn)
                 .find(|e| {
-                    e.summary
-                        .last_commit
-                        .and_then(|c| c.time.to_timestamp())
-                        .is_some_and(|c| c > *t)
+                    e.summary.last_commit.is_some_and(|c| {
+                        on_path(&path, e.tli, c.lsn)
+                            && c.time.to_timestamp().is_some_and(|c| c > *t)
+                    })
                 })
                 .map(|e| e.end)
                 .ok_or_else(|| {
@@ -138,9 +138,9 @@ pub fn plan(view: &RepoView, target: &Target, backup: Option<&str>) -> anyhow::R
             let rp = view
                 .index
                 .iter()
-                .filter(|e| on_path(&path, e.tli, e.start))
-                .flat_map(|e| e.summary.restore_points.iter())
-                .filter(|r| &r.name == n)
+                .flat_map(|e| e.summary.restore_points.iter().map(move |r| (e.tli, r)))
+                .filter(|(tli, r)| &r.name == n && on_path(&path, *tli, r.lsn))
+                .map(|(_, r)| r)
                 .max_by_key(|r| r.lsn)
                 .ok_or_else(|| anyhow!("no restore point named {n:?} in the WAL"))?;
             let chosen = candidates

@@ -588,13 +588,13 @@ fn malformed_time_is_a_usage_error() {
             let mut a: Vec<String> = repo.iter().map(|s| s.to_string()).collect();
             a.extend(["--to".into(), to.into(), "--pgdata".into()]);
             a.push(pgdata.display().to_string());
-            let began = Instant::now();
             let (st, out, err) = unchanged(&pgdata, || {
                 run_walferry("walferry-restore", &a, &[]).unwrap()
             });
+            // Exit 2, not 1: the time was refused before the (unreachable) repository
+            // was contacted, which would have failed with exit 1.
             assert_exit(st, 2, &out, &err);
             assert_mentions(&err, &["--to", to, want]);
-            assert!(began.elapsed() < Duration::from_secs(10));
         }
     }
 }
@@ -782,11 +782,16 @@ async fn postgres_restart_during_backup_fails_cleanly() {
     assert_mentions(
         &text,
         &[
-            "take a base backup",
-            "the server closed the connection",
+            "take a base backup: receive the base backup: ",
             "No backup was committed",
             "run `walferry-agent backup` again",
         ],
+    );
+    // Depending on timing the agent sees the server's goodbye or only the closed socket.
+    assert!(
+        text.contains("the server closed the connection")
+            || text.contains("terminating connection due to administrator command"),
+        "{text}"
     );
     assert_eq!(manifests(&f), Vec::<String>::new());
 
