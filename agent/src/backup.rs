@@ -222,6 +222,33 @@ pub async fn take(
     Ok(manifest)
 }
 
+/// [`take`] under the repository's writer lease, so `expire` never deletes a pack this
+/// backup is about to reference. Refused, naming the holder, while another writer works.
+pub async fn take_leased(
+    units: &Units,
+    config: &RepoConfig,
+    conninfo: &ConnInfo,
+    req: &BackupRequest,
+    purpose: &str,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> anyhow::Result<BackupManifest> {
+    use crate::lease::{Lease, DEFAULT_TTL};
+    let lease = Lease::acquire(units.repo(), purpose, DEFAULT_TTL)
+        .await
+        .context("take the repository's writer lease")?;
+    let renewing = lease.keep_alive();
+    let lost = lease.lost_token();
+    let taken = tokio::select! {
+        r = take(units, config, conninfo, req, progress) => r,
+        _ = lost.cancelled() => Err(anyhow!("the writer lease was lost mid-backup; the backup was not committed")),
+    };
+    renewing.abort();
+    if let Err(e) = lease.release().await {
+        tracing::warn!("release the writer lease (it lapses by itself): {e}");
+    }
+    taken
+}
+
 async fn send(tx: &mpsc::Sender<Raw>, msg: Raw) -> anyhow::Result<()> {
     tx.send(msg)
         .await

@@ -18,6 +18,7 @@ use walferry_formats::Units;
 use crate::backup::{self, BackupRequest};
 use crate::metrics::{BackupInfo, Metrics};
 use crate::pg::ConnInfo;
+use crate::retention::{self, RetentionPolicy};
 
 /// The `run` settings a TOML file may hold. Unknown keys are errors, not silently ignored.
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -142,21 +143,26 @@ pub async fn serve_http(
         .context("serve HTTP")
 }
 
-/// Takes backups on `schedule` until `shutdown`; a failed backup is logged, counted and
+/// What the backup loop needs.
+pub struct BackupJob {
+    pub units: Units,
+    pub config: RepoConfig,
+    pub conninfo: ConnInfo,
+    pub schedule: Schedule,
+    pub jitter: Duration,
+    /// Applied after each successful backup, under the writer lease.
+    pub retention: Option<RetentionPolicy>,
+    pub metrics: Arc<Metrics>,
+    /// Runs after each successful backup (refreshes repository gauges).
+    pub after: Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
+}
+
+/// Takes backups on the schedule until `shutdown`; a failed backup is logged, counted and
 /// retried at the next slot (or after 5 minutes, whichever is sooner).
-pub async fn backup_loop(
-    units: Units,
-    config: RepoConfig,
-    conninfo: ConnInfo,
-    schedule: Schedule,
-    jitter: Duration,
-    metrics: Arc<Metrics>,
-    after_backup: Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
-    shutdown: CancellationToken,
-) {
+pub async fn backup_loop(job: BackupJob, shutdown: CancellationToken) {
     let mut retry: Option<Duration> = None;
     loop {
-        let mut wait = match schedule.wait_from(jiff::Timestamp::now()) {
+        let mut wait = match job.schedule.wait_from(jiff::Timestamp::now()) {
             Ok(w) => w,
             Err(e) => {
                 error!("backup schedule: {e:#}");
@@ -166,8 +172,8 @@ pub async fn backup_loop(
         if let Some(r) = retry.take() {
             wait = wait.min(r);
         }
-        if !jitter.is_zero() {
-            wait += jitter.mul_f64(rand_fraction());
+        if !job.jitter.is_zero() {
+            wait += job.jitter.mul_f64(rand_fraction());
         }
         info!(
             "next backup in {}",
@@ -183,16 +189,16 @@ pub async fn backup_loop(
         };
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = backup::take(&units, &config, &conninfo, &req, &|_| {}) => r,
+            r = backup::take_leased(&job.units, &job.config, &job.conninfo, &req, "run", &|_| {}) => r,
         };
         match r {
             Ok(m) => {
-                metrics.backups_ok.fetch_add(1, Ordering::Relaxed);
+                job.metrics.backups_ok.fetch_add(1, Ordering::Relaxed);
                 let finished = m
                     .finished_at
                     .parse::<jiff::Timestamp>()
                     .map_or(0.0, |t| t.as_millisecond() as f64 / 1000.0);
-                if let Ok(mut b) = metrics.last_backup.lock() {
+                if let Ok(mut b) = job.metrics.last_backup.lock() {
                     *b = Some(BackupInfo {
                         id: m.id.clone(),
                         finished_unix: finished,
@@ -202,14 +208,41 @@ pub async fn backup_loop(
                     });
                 }
                 info!(id = %m.id, "scheduled backup done");
-                after_backup().await;
+                if let Some(policy) = &job.retention {
+                    apply_retention(&job.units, policy).await;
+                }
+                (job.after)().await;
             }
             Err(e) => {
-                metrics.backups_failed.fetch_add(1, Ordering::Relaxed);
+                job.metrics.backups_failed.fetch_add(1, Ordering::Relaxed);
                 warn!("scheduled backup failed, retrying within 5 minutes: {e:#}");
                 retry = Some(Duration::from_secs(300));
             }
         }
+    }
+}
+
+/// One retention pass under the writer lease; a busy lease or a failure waits for the next backup.
+async fn apply_retention(units: &Units, policy: &RetentionPolicy) {
+    use crate::lease::{Lease, LeaseError, DEFAULT_TTL};
+    match Lease::acquire(units.repo(), "run", DEFAULT_TTL).await {
+        Ok(lease) => {
+            let renewing = lease.keep_alive();
+            let r = retention::apply(units, policy, retention::DEFAULT_PACK_GRACE, &lease).await;
+            renewing.abort();
+            let _ = lease.release().await;
+            match r {
+                Ok(plan) => info!(
+                    backups = plan.deleted_backups.len(),
+                    packs = plan.totals.packs.objects,
+                    wal = plan.totals.wal.objects,
+                    "retention applied"
+                ),
+                Err(e) => warn!("retention failed, trying again after the next backup: {e:#}"),
+            }
+        }
+        Err(LeaseError::Held(h)) => warn!("retention skipped: the writer lease is held by {h}"),
+        Err(e) => warn!("retention skipped: {e}"),
     }
 }
 

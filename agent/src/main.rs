@@ -294,7 +294,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 fast_checkpoint: !spread_checkpoint,
             };
             let progress = Progress::new();
-            let m = walferry_agent::backup::take(&units, &config, &conninfo, &req, &|b| {
+            let m = walferry_agent::backup::take_leased(&units, &config, &conninfo, &req, "backup", &|b| {
                 progress.update(b)
             })
             .await
@@ -487,19 +487,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Box::pin(async move { daemon::refresh_repo_gauges(&u, &m).await })
         })
     };
-    if retain_full.is_some() || recovery_window.is_some() {
-        tracing::warn!("retention settings are accepted but applied only by `walferry-agent expire` in this version");
+    let retention = (retain_full.is_some() || recovery_window.is_some()).then_some(
+        walferry_agent::retention::RetentionPolicy {
+            retain_full,
+            recovery_window,
+        },
+    );
+    if let Some(p) = &retention {
+        p.validate().map_err(UsageError)?;
     }
-    if let Some(schedule) = schedule {
-        let (u, c, ci, m, s, f) = (
-            units.clone(),
-            config.clone(),
-            conninfo.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-            refresh.clone(),
-        );
-        tasks.spawn(daemon::backup_loop(u, c, ci, schedule, jitter, m, f, s));
+    match schedule {
+        Some(schedule) => {
+            let job = daemon::BackupJob {
+                units: units.clone(),
+                config: config.clone(),
+                conninfo: conninfo.clone(),
+                schedule,
+                jitter,
+                retention,
+                metrics: metrics.clone(),
+                after: refresh.clone(),
+            };
+            tasks.spawn(daemon::backup_loop(job, shutdown.clone()));
+        }
+        None if retention.is_some() => tracing::warn!("retention is applied after scheduled backups; with no --backup-every/--backup-cron, run `walferry-agent expire` instead"),
+        None => {}
     }
     {
         let (s, f) = (shutdown.clone(), refresh.clone());

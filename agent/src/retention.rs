@@ -524,13 +524,11 @@ pub async fn load_plan(
 /// Deletes what `plan` lists, in order (manifests, packs, WAL), checking the lease before
 /// every batch. Idempotent: objects already gone count as deleted.
 pub async fn execute(repo: &Repository, plan: &Plan, lease: &Lease) -> anyhow::Result<()> {
-    let manifests: Vec<&str> = plan
-        .deleted_backups
-        .iter()
-        .map(|b| b.key.as_str())
-        .collect();
-    let packs: Vec<&str> = plan.deleted_packs.iter().map(|p| p.key.as_str()).collect();
-    let wal: Vec<&str> = plan.deleted_wal.iter().map(|w| w.key.as_str()).collect();
+    // Owned keys: the deletes run in a spawned daemon task, which must not borrow `plan`
+    // through a closure over `&str` (that future is not Send for every lifetime).
+    let manifests: Vec<String> = plan.deleted_backups.iter().map(|b| b.key.clone()).collect();
+    let packs: Vec<String> = plan.deleted_packs.iter().map(|p| p.key.clone()).collect();
+    let wal: Vec<String> = plan.deleted_wal.iter().map(|w| w.key.clone()).collect();
     for (what, keys) in [
         ("backup manifests", manifests),
         ("packs", packs),
@@ -541,9 +539,9 @@ pub async fn execute(repo: &Repository, plan: &Plan, lease: &Lease) -> anyhow::R
                 .ensure_held()
                 .await
                 .with_context(|| format!("stop before deleting {what}"))?;
-            futures::stream::iter(batch.iter().copied())
+            futures::stream::iter(batch.iter().cloned())
                 .map(|key| async move {
-                    repo.delete(key)
+                    repo.delete(&key)
                         .await
                         .with_context(|| format!("delete {key}"))
                 })
