@@ -176,7 +176,7 @@ setup_cluster() { # NAME
   CONF=$D/pgbackrest.conf
   WF_REPO=file://$D/wf-repo
   WF_KEY=$D/master.key
-  install -d -o postgres -m 755 "$D" "$SOCK"
+  install -d -o postgres -m 755 "$D" "$SOCK" "$D/logs"
   install -d -o postgres -m 700 "$PGDATA" "$D/pgbr-repo" "$D/pgbr-log" "$D/pgbr-lock" "$D/pgbr-spool"
   as_pg "$BIN/initdb" -D "$PGDATA" -U postgres --auth=trust --no-instructions >/dev/null
   cat >"$CONF" <<EOF
@@ -345,7 +345,10 @@ wf_restore() {
   RSS_MB=$(awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$D/time.out")
   RESTORED_ROWS=$(sql "select count(*) from $MAIN_TABLE" "$port")
   grep -E '^restored ' "$D/wf-restore.out" >>"$D/wf-summaries.log" || true
+  # walferry's own figure for writing the files; the rest is planning, start and recovery.
+  FILES_SECS=$(sed -n 's/^restored .* in \([0-9.]*\)s .*/\1/p' "$D/wf-restore.out" | tail -n1)
   stop_pg "$dir"
+  cp "$dir/walferry-recovery.log" "$D/logs/wf-recovery-$(date +%H%M%S).log" 2>/dev/null || true
   rm -rf "$dir"
 }
 # pgbackrest restore + start + wait until recovery has ended; sets SECS, RSS_MB
@@ -357,6 +360,7 @@ pgbr_restore() {
   /usr/bin/time -v -o "$D/time.out" runuser -u postgres -- \
     pgbackrest --config="$CONF" --stanza=bench --pg1-path="$dir" restore >"$D/pgbr-restore.out" 2>&1 ||
     { cat "$D/pgbr-restore.out" >&2; die "pgBackRest restore failed"; }
+  FILES_SECS=$(sub "$t0" "$(now)")
   printf "port = %s\narchive_mode = off\n" "$port" >>"$dir/postgresql.auto.conf"
   as_pg "$BIN/pg_ctl" -D "$dir" -l "$D/pgbr-restore.log" -w -t 3600 start >/dev/null
   for i in $(seq 1 36000); do
@@ -368,6 +372,7 @@ pgbr_restore() {
   RSS_MB=$(awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$D/time.out")
   RESTORED_ROWS=$(sql "select count(*) from $MAIN_TABLE" "$port")
   stop_pg "$dir"
+  cp "$D/pgbr-restore.log" "$D/logs/pgbr-recovery-$(date +%H%M%S).log" 2>/dev/null || true
   rm -rf "$dir"
 }
 
@@ -461,17 +466,17 @@ run_dataset() { # NAME
   done
 
   # 3. restores, interleaved
-  local wr_t=() wr_rss=() pr_t=() pr_rss=() expect
+  local wr_t=() wr_rss=() pr_t=() pr_rss=() wr_f=() pr_f=() expect
   settle
   expect=$(sql "select count(*) from $MAIN_TABLE")
   for r in $(seq 1 "$RUNS"); do
     wf_restore
-    wr_t+=("$SECS") wr_rss+=("$RSS_MB")
+    wr_t+=("$SECS") wr_rss+=("$RSS_MB") wr_f+=("$FILES_SECS")
     [ "$RESTORED_ROWS" = "$expect" ] || die "walferry restore: $RESTORED_ROWS rows in $MAIN_TABLE, expected $expect"
     log "restore run $r: walferry $SECS s (RSS $RSS_MB MB), $RESTORED_ROWS rows"
     settle
     pgbr_restore
-    pr_t+=("$SECS") pr_rss+=("$RSS_MB")
+    pr_t+=("$SECS") pr_rss+=("$RSS_MB") pr_f+=("$FILES_SECS")
     [ "$RESTORED_ROWS" = "$expect" ] || die "pgBackRest restore: $RESTORED_ROWS rows in $MAIN_TABLE, expected $expect"
     log "restore run $r: pgBackRest $SECS s (RSS $RSS_MB MB), $RESTORED_ROWS rows"
     settle
@@ -499,10 +504,12 @@ run_dataset() { # NAME
     echo
     echo "Restore to a running, promoted cluster (median of $RUNS; runs: walferry ${wr_t[*]} s, pgBackRest ${pr_t[*]} s)"
     echo
-    echo "| tool | wall time | walferry / tool |"
-    echo "|---|---|---|"
-    echo "| walferry-restore --to latest --start | $wr s | 1.00 |"
-    echo "| pgbackrest restore + pg_ctl start + end of recovery | $pr s | $(calc "$wr / $pr") |"
+    echo "| tool | wall time | of which writing files | rest: plan, start, recovery, promotion | walferry / tool |"
+    echo "|---|---|---|---|---|"
+    local wf_files pr_files
+    wf_files=$(median "${wr_f[@]}") pr_files=$(median "${pr_f[@]}")
+    echo "| walferry-restore --to latest --start | $wr s | $wf_files s | $(calc "$wr - $wf_files") s | 1.00 |"
+    echo "| pgbackrest restore + pg_ctl start + end of recovery | $pr s | $pr_files s | $(calc "$pr - $pr_files") s | $(calc "$wr / $pr") |"
     echo
     echo "Peak RSS: walferry backup $(max "${wf_rss[@]}") MB (max over all its backups), walferry restore $(max "${wr_rss[@]}") MB; for reference pgBackRest backup $(max "${br_rss[@]}") MB, restore $(max "${pr_rss[@]}") MB (largest single process)."
     echo

@@ -71,12 +71,34 @@ pub struct LeaseRecord {
     /// Set by [`Lease::release`]: the lease is free.
     #[serde(default)]
     pub released: bool,
+    /// The holder's PID namespace and process start time, so a holder on this host that
+    /// died (kill -9) can be recognised at once instead of waiting for the TTL.
+    #[serde(default)]
+    pub pid_ns: Option<String>,
+    #[serde(default)]
+    pub pid_start: Option<u64>,
 }
 
 impl LeaseRecord {
     /// Whether this record still excludes other writers at `now`.
     pub fn is_live(&self, now: Timestamp) -> bool {
-        !self.released && now < self.expires_at
+        !self.released && now < self.expires_at && !self.holder_died_here()
+    }
+
+    /// True only when the holder ran in this host's PID namespace and that process is
+    /// gone (or a zombie, or its pid was reused). Anything uncertain counts as alive.
+    fn holder_died_here(&self) -> bool {
+        let (Some(ns), Some(start)) = (&self.pid_ns, self.pid_start) else {
+            return false;
+        };
+        if self.host != host_name() || pid_namespace().as_ref() != Some(ns) {
+            return false;
+        }
+        match process_start(self.pid) {
+            None => true,
+            Some((_, true)) => true,
+            Some((t, false)) => t != start,
+        }
     }
 
     fn to_json(&self) -> Bytes {
@@ -189,6 +211,24 @@ fn ttl_span(ttl: Duration) -> jiff::SignedDuration {
     jiff::SignedDuration::try_from(ttl).unwrap_or(jiff::SignedDuration::MAX)
 }
 
+/// This process's PID namespace, e.g. `pid:[4026531836]`.
+fn pid_namespace() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+/// A process's start time (clock ticks since boot) and whether it is a zombie.
+fn process_start(pid: u32) -> Option<(u64, bool)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let zombie = fields.first() == Some(&"Z");
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, zombie))
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -265,6 +305,8 @@ impl Lease {
                 renewed_at: now,
                 expires_at: now.saturating_add(ttl_span(ttl)).unwrap_or(now),
                 released: false,
+                pid_ns: pid_namespace(),
+                pid_start: process_start(pid).map(|(t, _)| t),
             };
             if !create(repo, &record).await? {
                 // Someone else created this epoch first: theirs is the lease now.

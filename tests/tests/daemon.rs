@@ -267,27 +267,29 @@ async fn outage_shows_in_metrics_and_readiness() {
 #[test]
 fn settings_precedence_and_unknown_keys() {
     let pg = PgCluster::start().unwrap();
-    let target = file_target().unwrap();
-    let mut init = vec!["init".to_string()];
-    init.extend(repo_args(&target));
-    init.push("--no-encryption".into());
-    assert!(run_walferry("walferry-agent", &init, &[])
-        .unwrap()
-        .0
-        .success());
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("walferry.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "repo = {:?}\npg = {:?}\nslot = \"from_file\"\n",
-            target.url,
-            pg.superuser_conninfo()
-        ),
-    )
-    .unwrap();
 
+    // Each run streams into a repository of its own: a new slot starts at the server's
+    // current position, which a repository already holding older WAL rightly refuses.
     let slot_after = |extra: &[&str], env: &[(&str, &str)]| -> String {
+        let target = file_target().unwrap();
+        let mut init = vec!["init".to_string()];
+        init.extend(repo_args(&target));
+        init.push("--no-encryption".into());
+        assert!(run_walferry("walferry-agent", &init, &[])
+            .unwrap()
+            .0
+            .success());
+        std::fs::write(
+            &cfg,
+            format!(
+                "repo = {:?}\npg = {:?}\nslot = \"from_file\"\n",
+                target.url,
+                pg.superuser_conninfo()
+            ),
+        )
+        .unwrap();
         let mut args = vec![
             "run".to_string(),
             "--config".into(),

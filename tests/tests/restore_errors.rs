@@ -701,6 +701,22 @@ fn wait_for_log(agent: &mut AgentProcess, what: &str, timeout: Duration) -> bool
     false
 }
 
+/// When the newest writer lease record expires (None when there is none).
+fn lease_expiry(f: &Fixture) -> Option<jiff::Timestamp> {
+    let dir = f.object("lease/writer");
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.len() == 20))
+        .max()?;
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(newest).ok()?).ok()?;
+    if record["released"].as_bool() == Some(true) {
+        return None;
+    }
+    record["expires_at"].as_str()?.parse().ok()
+}
+
 /// "reused N of M blocks" from the backup summary.
 fn reused_blocks(stderr: &str) -> (u64, u64) {
     let rest = stderr
@@ -739,6 +755,11 @@ async fn killed_backup_is_not_listed_and_retry_reuses_blocks() {
     assert_exit(st, 1, &out, &err);
     assert_mentions(&err, &["no backup", "walferry-agent backup"]);
 
+    // The dead run's lease names a process in this PID namespace that no longer exists:
+    // a retry takes it over at once instead of waiting for the TTL.
+    assert!(
+        lease_expiry(&f).expect("the killed backup held the writer lease") > jiff::Timestamp::now()
+    );
     let (st, out, err) = run_walferry("walferry-agent", &f.backup_args(), &[]).unwrap();
     assert!(st.success(), "retry failed:\n{out}\n{err}");
     let id = out.trim().to_string();
