@@ -200,7 +200,18 @@ pub fn start_and_follow(
             || text.contains("FATAL:") && text.contains("startup process")
             || text.contains("PANIC:")
         {
-            bail!("recovery failed:\n{}", explain_log(&text).join("\n"));
+            // Leave nothing half-started behind: the directory is not a usable cluster.
+            let _ = pg_command(&bin.join("pg_ctl"), user)
+                .arg("-D")
+                .arg(pgdata)
+                .args(["-m", "immediate", "-W", "stop"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            bail!(
+                "recovery failed (the server was stopped):\n{}",
+                explain_log(&text).join("\n")
+            );
         }
         if text.contains("database system is ready to accept connections")
             && !pgdata.join("recovery.signal").exists()
