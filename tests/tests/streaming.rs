@@ -236,6 +236,48 @@ pub(crate) fn waldump_commits(
     v
 }
 
+/// Total length (`len (rec/tot)`) of every COMMIT/ABORT record pg_waldump prints, by start LSN.
+pub(crate) fn waldump_commit_lengths(
+    pg: &PgCluster,
+    dir: &Path,
+    start: Lsn,
+    end: Lsn,
+) -> std::collections::HashMap<Lsn, u64> {
+    let out = pg
+        .command("pg_waldump")
+        .arg("-p")
+        .arg(dir)
+        .args([
+            "-s",
+            &start.to_string(),
+            "-e",
+            &end.to_string(),
+            "-r",
+            "Transaction",
+        ])
+        .output()
+        .unwrap();
+    let mut m = std::collections::HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let (Some(lsn), Some(len)) = (
+            line.split("lsn: ").nth(1),
+            line.split("len (rec/tot):").nth(1),
+        ) else {
+            continue;
+        };
+        let lsn: Option<Lsn> = lsn.split(',').next().and_then(|x| x.trim().parse().ok());
+        let tot: Option<u64> = len
+            .split(',')
+            .next()
+            .and_then(|x| x.split('/').nth(1))
+            .and_then(|x| x.trim().parse().ok());
+        if let (Some(l), Some(t)) = (lsn, tot) {
+            m.insert(l, t);
+        }
+    }
+    m
+}
+
 /// Copies fetched segments into a directory pg_waldump (as postgres) can read.
 pub(crate) fn fetched_dir(
     pg: &PgCluster,
@@ -293,6 +335,7 @@ async fn stream_and_check(target: StoreTarget, seconds: u32) {
     let dir = fetched_dir(&pg, &repo, TimelineId(1), &segs);
     let start = segs[0].start_lsn(SEG).unwrap();
     let dumped = waldump_commits(&pg, &dir, start, end);
+    let lens = waldump_commit_lengths(&pg, &dir, start, end);
     assert!(!dumped.is_empty());
     let mut indexed = 0u64;
     let mut restore_points = Vec::new();
@@ -305,13 +348,17 @@ async fn stream_and_check(target: StoreTarget, seconds: u32) {
         indexed += summary.commits + summary.aborts;
         restore_points.extend(summary.restore_points.iter().map(|r| r.name.clone()));
         let seg_end = Lsn(s.start_lsn(SEG).unwrap().0 + SEG.bytes());
-        let in_seg: Vec<_> = dumped
-            .iter()
-            .filter(|(l, _)| *l >= s.start_lsn(SEG).unwrap() && *l < seg_end)
-            .collect();
+        // The index files a record under the segment where it ENDS; a commit that starts
+        // in the last bytes of a segment belongs to the next one. pg_waldump gives starts,
+        // and its "len (rec/tot)" gives the length.
+        let ends_in = |l: &Lsn| {
+            let tot = lens.get(l).copied().unwrap_or(0);
+            let e = Lsn(l.0 + tot);
+            e > s.start_lsn(SEG).unwrap() && e <= seg_end
+        };
+        let in_seg: Vec<_> = dumped.iter().filter(|(l, _)| ends_in(l)).collect();
         match (summary.first_commit, summary.last_commit) {
             (Some(f), Some(l)) => {
-                // Records are indexed where they end; a commit record never crosses a segment here.
                 assert_eq!(
                     in_seg.first().map(|x| (x.0, x.1)),
                     Some((f.lsn, f.time.to_timestamp().unwrap())),
