@@ -139,7 +139,8 @@ struct RepoArgs {
 }
 
 impl RepoArgs {
-    async fn open(&self) -> anyhow::Result<Units> {
+    /// The master key (if any) and the repository, from the flags and WALFERRY_KEY.
+    fn key_and_repository(&self) -> anyhow::Result<(Option<MasterKey>, Repository)> {
         let env_key = std::env::var("WALFERRY_KEY").ok();
         let master = MasterKey::resolve(self.key_file.as_deref(), env_key.as_deref())
             .context("load the master key")?;
@@ -154,6 +155,11 @@ impl RepoArgs {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let r = Repository::open(&self.repo, options).context("open the repository URL")?;
+        Ok((master, r))
+    }
+
+    async fn open(&self) -> anyhow::Result<Units> {
+        let (master, r) = self.key_and_repository()?;
         let location = r.location().to_string();
         let (units, _) = Units::load(r, master.as_ref())
             .await
@@ -225,22 +231,9 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             full,
         }) => {
             use walferry_restore::verify;
-            let env_key = std::env::var("WALFERRY_KEY").ok();
-            let master = MasterKey::resolve(repo.key_file.as_deref(), env_key.as_deref())
-                .context("load the master key")?;
-            // As RepoArgs::open parses them (verify opens the store itself: without a key
-            // it reads an encrypted repository's framing only).
-            let options = repo
-                .repo_options
-                .iter()
-                .map(|o| match o.split_once('=') {
-                    Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-                    _ => Err(UsageError(format!(
-                        "--repo-option: expected KEY=VALUE, got {o:?}"
-                    ))),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let r = Repository::open(&repo.repo, options).context("open the repository URL")?;
+            // verify opens the store itself: without a key it reads an encrypted
+            // repository's framing only.
+            let (master, r) = repo.key_and_repository()?;
             let report =
                 match verify::verify(r, master.as_ref(), &verify::Options { deep, full }).await {
                     Ok(r) => r,

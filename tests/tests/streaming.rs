@@ -179,13 +179,13 @@ pub(crate) fn assert_segments_identical(
     compared
 }
 
-/// `(lsn, time)` of every COMMIT/ABORT pg_waldump prints for [start, end).
+/// `(lsn, time, total length)` of every COMMIT/ABORT pg_waldump prints for [start, end).
 pub(crate) fn waldump_commits(
     pg: &PgCluster,
     dir: &Path,
     start: Lsn,
     end: Lsn,
-) -> Vec<(Lsn, jiff::Timestamp)> {
+) -> Vec<(Lsn, jiff::Timestamp, u64)> {
     let out = pg
         .command("pg_waldump")
         .env("TZ", "UTC")
@@ -228,54 +228,21 @@ pub(crate) fn waldump_commits(
             .unwrap();
         let ts = rest.get(..26).unwrap();
         let civil: jiff::civil::DateTime = ts.replace(' ', "T").parse().unwrap();
+        // "len (rec/tot): 34/ 34": the record's total length, for where it ends.
+        let tot: u64 = line
+            .split("len (rec/tot):")
+            .nth(1)
+            .and_then(|x| x.split(',').next())
+            .and_then(|x| x.split('/').nth(1))
+            .and_then(|x| x.trim().parse().ok())
+            .unwrap();
         v.push((
             lsn,
             civil.to_zoned(jiff::tz::TimeZone::UTC).unwrap().timestamp(),
+            tot,
         ));
     }
     v
-}
-
-/// Total length (`len (rec/tot)`) of every COMMIT/ABORT record pg_waldump prints, by start LSN.
-pub(crate) fn waldump_commit_lengths(
-    pg: &PgCluster,
-    dir: &Path,
-    start: Lsn,
-    end: Lsn,
-) -> std::collections::HashMap<Lsn, u64> {
-    let out = pg
-        .command("pg_waldump")
-        .arg("-p")
-        .arg(dir)
-        .args([
-            "-s",
-            &start.to_string(),
-            "-e",
-            &end.to_string(),
-            "-r",
-            "Transaction",
-        ])
-        .output()
-        .unwrap();
-    let mut m = std::collections::HashMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let (Some(lsn), Some(len)) = (
-            line.split("lsn: ").nth(1),
-            line.split("len (rec/tot):").nth(1),
-        ) else {
-            continue;
-        };
-        let lsn: Option<Lsn> = lsn.split(',').next().and_then(|x| x.trim().parse().ok());
-        let tot: Option<u64> = len
-            .split(',')
-            .next()
-            .and_then(|x| x.split('/').nth(1))
-            .and_then(|x| x.trim().parse().ok());
-        if let (Some(l), Some(t)) = (lsn, tot) {
-            m.insert(l, t);
-        }
-    }
-    m
 }
 
 /// Copies fetched segments into a directory pg_waldump (as postgres) can read.
@@ -335,7 +302,6 @@ async fn stream_and_check(target: StoreTarget, seconds: u32) {
     let dir = fetched_dir(&pg, &repo, TimelineId(1), &segs);
     let start = segs[0].start_lsn(SEG).unwrap();
     let dumped = waldump_commits(&pg, &dir, start, end);
-    let lens = waldump_commit_lengths(&pg, &dir, start, end);
     assert!(!dumped.is_empty());
     let mut indexed = 0u64;
     let mut restore_points = Vec::new();
@@ -350,13 +316,15 @@ async fn stream_and_check(target: StoreTarget, seconds: u32) {
         let seg_end = Lsn(s.start_lsn(SEG).unwrap().0 + SEG.bytes());
         // The index files a record under the segment where it ENDS; a commit that starts
         // in the last bytes of a segment belongs to the next one. pg_waldump gives starts,
-        // and its "len (rec/tot)" gives the length.
-        let ends_in = |l: &Lsn| {
-            let tot = lens.get(l).copied().unwrap_or(0);
+        // and its "len (rec/tot)" the length.
+        let ends_in = |l: &Lsn, tot: u64| {
             let e = Lsn(l.0 + tot);
             e > s.start_lsn(SEG).unwrap() && e <= seg_end
         };
-        let in_seg: Vec<_> = dumped.iter().filter(|(l, _)| ends_in(l)).collect();
+        let in_seg: Vec<_> = dumped
+            .iter()
+            .filter(|(l, _, tot)| ends_in(l, *tot))
+            .collect();
         match (summary.first_commit, summary.last_commit) {
             (Some(f), Some(l)) => {
                 assert_eq!(
