@@ -98,7 +98,7 @@ PGBR_VERSION=$(pgbackrest version | awk '{print $2}')
 PG_VERSION=$("$BIN/postgres" --version | awk '{print $3}')
 
 # Current dataset's state (set by setup_cluster).
-D= PGDATA= SOCK= PORT= CONF= WF_REPO= WF_KEY= AGENT_PID=
+D= PGDATA= SOCK= PORT= CONF= WF_REPO= WF_KEY= AGENT_PID= WF_LEVEL=
 RESULTS=$WORK/results.md
 : >"$RESULTS"
 
@@ -159,6 +159,9 @@ settle() {
   for i in $(seq 1 6000); do
     if ! compgen -G "$PGDATA/pg_wal/archive_status/*.ready" >/dev/null &&
       [ "$(sql "select coalesce(bool_or(flush_lsn >= '$lsn'), false) from pg_stat_replication where application_name <> 'pg_basebackup'")" = t ]; then
+      # Write back what earlier steps left dirty (repositories, restored copies), so the
+      # kernel's writeback of it does not land in the next measurement.
+      sync
       return 0
     fi
     [ -n "$AGENT_PID" ] && ! kill -0 "$AGENT_PID" 2>/dev/null && die "walferry-agent run exited; see $D/agent.log"
@@ -220,7 +223,7 @@ EOF
   as_pg pgbackrest --config="$CONF" --stanza=bench stanza-create >/dev/null
   "$WF_AGENT" keygen --out "$WF_KEY" 2>/dev/null
   chown postgres "$WF_KEY"
-  "$WF_AGENT" init --repo "$WF_REPO" --key-file "$WF_KEY" >/dev/null
+  WF_LEVEL=$("$WF_AGENT" init --repo "$WF_REPO" --key-file "$WF_KEY" | sed -n 's/.*zstd level \([0-9]*\).*/\1/p')
   "$WF_AGENT" run --repo "$WF_REPO" --key-file "$WF_KEY" \
     --pg "host=$SOCK port=$PORT user=postgres dbname=postgres application_name=walferry" \
     >"$D/agent.log" 2>&1 &
@@ -392,7 +395,7 @@ run_dataset() { # NAME
   log "$name: data dir $data_mb MB (without pg_wal), $MAIN_TABLE $table_mb MB with indexes, heap zstd -3 ratio ${ratio}x"
 
   # 1. full backups, interleaved
-  local r wf_t=() wf_up=() wf_rss=() br_t=() br_up=() br_rss=() bb_t=() bb_up=()
+  local r wf_t=() wf_up=() wf_rss=() br_t=() br_up=() br_rss=() bb_t=() bb_up=() w3_t=() w3_up=()
   for r in $(seq 1 "$RUNS"); do
     local repo=$WF_REPO
     if [ "$r" -gt 1 ]; then # a fresh repository: a real full backup, no dedup against run 1
@@ -404,6 +407,14 @@ run_dataset() { # NAME
     wf_t+=("$SECS") wf_up+=("$UP_MB") wf_rss+=("$RSS_MB")
     log "full run $r: walferry $SECS s ($UP_MB MB uploaded, RSS $RSS_MB MB)"
     [ "$r" -gt 1 ] && rm -rf "${repo#file://}"
+    # The same, into a repository made with the peers' zstd level.
+    repo=file://$D/wf-zstd3
+    "$WF_AGENT" init --repo "$repo" --key-file "$WF_KEY" --compression-level 3 >/dev/null
+    settle
+    wf_backup "$repo"
+    w3_t+=("$SECS") w3_up+=("$UP_MB") wf_rss+=("$RSS_MB")
+    log "full run $r: walferry at zstd 3 $SECS s ($UP_MB MB uploaded, RSS $RSS_MB MB)"
+    rm -rf "${repo#file://}"
     settle
     pgbr_backup full
     br_t+=("$SECS") br_up+=("$UP_MB") br_rss+=("$RSS_MB")
@@ -488,13 +499,16 @@ run_dataset() { # NAME
     echo
     echo "### $name: $data_mb MB data directory (without pg_wal); $MAIN_TABLE $table_mb MB with indexes, $rows rows; heap compresses ${ratio}x with zstd -3"
     echo
-    echo "Full backup (median of $RUNS; runs: walferry ${wf_t[*]} s, pgBackRest ${br_t[*]} s, pg_basebackup ${bb_t[*]} s)"
+    echo "Full backup (median of $RUNS; runs: walferry ${wf_t[*]} s, walferry at zstd 3 ${w3_t[*]} s, pgBackRest ${br_t[*]} s, pg_basebackup ${bb_t[*]} s)"
     echo
-    echo "| tool | wall time | stored | walferry / tool |"
-    echo "|---|---|---|---|"
-    echo "| walferry | $wf_full s | $wf_full_up MB | 1.00 |"
-    echo "| pgBackRest 2.45 (zst 3, process-max 2, aes-256-cbc) | $br_full s | $(median "${br_up[@]}") MB | $(calc "$wf_full / $br_full") |"
-    echo "| pg_basebackup -Ft server-zstd:level=3,workers=2 | $bb_full s | $(median "${bb_up[@]}") MB | $(calc "$wf_full / $bb_full") |"
+    echo "| tool | wall time | stored | walferry / tool | walferry at zstd 3 / tool |"
+    echo "|---|---|---|---|---|"
+    local w3_full
+    w3_full=$(median "${w3_t[@]}")
+    echo "| walferry (default zstd level $WF_LEVEL) | $wf_full s | $wf_full_up MB | 1.00 | $(calc "$w3_full / $wf_full") |"
+    echo "| walferry, repository at zstd 3 (the peers' level) | $w3_full s | $(median "${w3_up[@]}") MB | $(calc "$wf_full / $w3_full") | 1.00 |"
+    echo "| pgBackRest 2.45 (zst 3, process-max 2, aes-256-cbc) | $br_full s | $(median "${br_up[@]}") MB | $(calc "$wf_full / $br_full") | $(calc "$w3_full / $br_full") |"
+    echo "| pg_basebackup -Ft server-zstd:level=3,workers=2 | $bb_full s | $(median "${bb_up[@]}") MB | $(calc "$wf_full / $bb_full") | $(calc "$w3_full / $bb_full") |"
     echo
     echo "Second backup after a change (walferry: vs its full backup; pgBackRest: --type=incr)"
     echo

@@ -6,13 +6,14 @@
 //! BASE_BACKUP stream -> tar reader thread (cuts files into blocks, hashes them) ->
 //! dedup -> seal (Units, one task per core) -> packer -> at most two pack uploads in flight.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info};
@@ -38,6 +39,8 @@ const TAIL_GUESS: u64 = 256 << 10;
 pub struct BackupRequest {
     pub label: String,
     pub fast_checkpoint: bool,
+    /// BASE_BACKUP's MAX_RATE, in kB/s.
+    pub max_rate_kb: Option<u32>,
 }
 
 /// What the reader thread hands to the async side.
@@ -55,8 +58,11 @@ struct FileEntryDraft {
 /// Raw archive data for the reader thread.
 enum Raw {
     Begin { tablespace: Option<u32> },
-    Data(Bytes),
+    Data(VecDeque<Bytes>),
 }
+
+/// Archive bytes handed to the reader thread at once.
+const BATCH_BYTES: usize = 1 << 20;
 
 /// Takes one base backup and returns its manifest once it is committed.
 pub async fn take(
@@ -98,6 +104,7 @@ pub async fn take(
         wait_for_archive: false,
         manifest: true,
         tablespace_map: true,
+        max_rate_kb: req.max_rate_kb,
         ..BaseBackupOptions::default()
     };
     let mut stream = conn.base_backup(&opts).await.context("start BASE_BACKUP")?;
@@ -114,7 +121,7 @@ pub async fn take(
         .collect();
 
     let block_size = config.block_size as usize;
-    let (raw_tx, raw_rx) = mpsc::channel::<Raw>(64);
+    let (raw_tx, raw_rx) = mpsc::channel::<Raw>(4);
     let (cut_tx, cut_rx) = mpsc::channel::<Cut>(8);
     let keyring = units.keyring().clone();
     let reader =
@@ -123,9 +130,19 @@ pub async fn take(
 
     let mut pg_manifest: Option<Vec<u8>> = None;
     let mut bytes_seen = 0u64;
+    // Data goes to the reader thread in batches of about BATCH_BYTES, or whatever has
+    // arrived when the socket has nothing more: one wakeup per batch, not per message.
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_len = 0usize;
     let end = loop {
-        let ev = stream.next().await.context("receive the base backup")?;
-        match ev {
+        let ev = match stream.next().now_or_never() {
+            Some(ev) => ev,
+            None => {
+                flush_batch(&raw_tx, &mut batch, &mut batch_len).await?;
+                stream.next().await
+            }
+        };
+        match ev.context("receive the base backup")? {
             BackupEvent::Archive { name, .. } => {
                 let tablespace = match name.as_str() {
                     "base.tar" => None,
@@ -137,21 +154,34 @@ pub async fn take(
                             })?,
                     ),
                 };
+                flush_batch(&raw_tx, &mut batch, &mut batch_len).await?;
                 send(&raw_tx, Raw::Begin { tablespace }).await?;
             }
             BackupEvent::Data(d) => match pg_manifest.as_mut() {
                 Some(m) => m.extend_from_slice(&d),
                 None => {
                     bytes_seen += d.len() as u64;
-                    progress(bytes_seen);
-                    send(&raw_tx, Raw::Data(d)).await?;
+                    batch_len += d.len();
+                    batch.push(d);
+                    if batch_len >= BATCH_BYTES {
+                        progress(bytes_seen);
+                        flush_batch(&raw_tx, &mut batch, &mut batch_len).await?;
+                    }
                 }
             },
             BackupEvent::Progress(_) => {}
-            BackupEvent::ManifestStart => pg_manifest = Some(Vec::new()),
-            BackupEvent::End { lsn, tli } => break (lsn, tli),
+            BackupEvent::ManifestStart => {
+                flush_batch(&raw_tx, &mut batch, &mut batch_len).await?;
+                pg_manifest = Some(Vec::new());
+            }
+            BackupEvent::End { lsn, tli } => {
+                flush_batch(&raw_tx, &mut batch, &mut batch_len).await?;
+                progress(bytes_seen);
+                break (lsn, tli);
+            }
         }
     };
+    drop(stream);
     drop(raw_tx);
     reader.await.context("tar reader task")??;
     let consumed = consumer.await.context("upload task")??;
@@ -249,6 +279,18 @@ pub async fn take_leased(
     taken
 }
 
+async fn flush_batch(
+    tx: &mpsc::Sender<Raw>,
+    batch: &mut Vec<Bytes>,
+    len: &mut usize,
+) -> anyhow::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    *len = 0;
+    send(tx, Raw::Data(std::mem::take(batch).into())).await
+}
+
 async fn send(tx: &mpsc::Sender<Raw>, msg: Raw) -> anyhow::Result<()> {
     tx.send(msg)
         .await
@@ -263,29 +305,49 @@ async fn ensure_wal_covered(
     start: Lsn,
     end: Lsn,
 ) -> anyhow::Result<()> {
-    let catalog = WalCatalog::load(units.repo(), size)
-        .await
-        .context("list stored WAL")?;
+    // A listing is not a snapshot: a segment the streamer seals while it runs can show
+    // neither as sealed nor as parts. A gap is only believed when it is seen again.
+    let mut attempt = 0;
+    loop {
+        let catalog = WalCatalog::load(units.repo(), size)
+            .await
+            .context("list stored WAL")?;
+        match first_missing(&catalog, size, tli, start, end) {
+            None => return Ok(()),
+            Some(_) if attempt < 3 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Some(seg) => bail!(
+                "WAL segment {} needed by this backup is not in the repository; the backup is not committed",
+                WalFileName::Segment { tli, segno: seg }.format(size)
+            ),
+        }
+    }
+}
+
+fn first_missing(
+    catalog: &WalCatalog,
+    size: SegmentSize,
+    tli: TimelineId,
+    start: Lsn,
+    end: Lsn,
+) -> Option<walferry_formats::SegmentNo> {
     let tl = catalog.timeline(tli);
     let first = start.segment(size).0;
     let last = Lsn(end.0.saturating_sub(1)).segment(size).0;
-    for s in first..=last {
-        let seg = walferry_formats::SegmentNo(s);
-        let sealed = tl.is_some_and(|t| t.sealed.contains(&seg));
-        let covered = tl.map(|t| t.part_cover(seg).1).unwrap_or(0);
-        let needed = if s == last {
-            end.segment_offset(size).max(1)
-        } else {
-            size.bytes()
-        };
-        if !sealed && covered < needed {
-            bail!(
-                "WAL segment {} needed by this backup is not in the repository; the backup is not committed",
-                WalFileName::Segment { tli, segno: seg }.format(size)
-            );
-        }
-    }
-    Ok(())
+    (first..=last)
+        .map(walferry_formats::SegmentNo)
+        .find(|&seg| {
+            let sealed = tl.is_some_and(|t| t.sealed.contains(&seg));
+            let covered = tl.map(|t| t.part_cover(seg).1).unwrap_or(0);
+            let needed = if seg.0 == last {
+                end.segment_offset(size).max(1)
+            } else {
+                size.bytes()
+            };
+            !sealed && covered < needed
+        })
 }
 
 /// Reads the block ids of every stored pack from the pack trailers.
@@ -355,14 +417,17 @@ fn trailer_len(tail: &[u8]) -> anyhow::Result<u64> {
 /// Adapts the raw-data channel to `Read` for the tar reader; one archive at a time.
 struct ChannelReader<'a> {
     rx: &'a mut mpsc::Receiver<Raw>,
-    cur: Bytes,
+    cur: VecDeque<Bytes>,
     next: Option<Option<u32>>,
     done: bool,
 }
 
 impl Read for ChannelReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.cur.is_empty() {
+        while self.cur.front().is_none_or(|b| b.is_empty()) {
+            if self.cur.pop_front().is_some() {
+                continue;
+            }
             if self.done {
                 return Ok(0);
             }
@@ -375,9 +440,12 @@ impl Read for ChannelReader<'_> {
                 None => self.done = true,
             }
         }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        let _ = self.cur.split_to(n);
+        let Some(cur) = self.cur.front_mut() else {
+            return Ok(0);
+        };
+        let n = buf.len().min(cur.len());
+        buf[..n].copy_from_slice(&cur[..n]);
+        cur.advance(n);
         Ok(n)
     }
 }
@@ -397,7 +465,7 @@ fn read_archives(
     while let Some(tablespace) = next.take() {
         let mut reader = ChannelReader {
             rx: &mut rx,
-            cur: Bytes::new(),
+            cur: VecDeque::new(),
             next: None,
             done: false,
         };

@@ -186,6 +186,7 @@ pub async fn backup_loop(job: BackupJob, shutdown: CancellationToken) {
         let req = BackupRequest {
             label: "walferry scheduled".into(),
             fast_checkpoint: true,
+            max_rate_kb: None,
         };
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,

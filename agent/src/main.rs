@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use walferry_agent::archive::ArchiverConfig;
 use walferry_agent::pg::ConnInfo;
 use walferry_agent::stream::StreamConfig;
+use walferry_formats::config::RepoConfig;
 use walferry_formats::keyring::MasterKey;
 use walferry_formats::{Repository, Units};
 
@@ -64,6 +65,14 @@ enum Command {
         /// Store everything unencrypted (tests and demos only; recorded in walferry.json).
         #[arg(long, conflicts_with = "key_file")]
         no_encryption: bool,
+        /// zstd level for everything stored (1-22). 1 takes about half the CPU of 3 on
+        /// typical table data for a few percent more bytes; fixed for the repository's life.
+        #[arg(long, default_value_t = walferry_formats::config::DEFAULT_ZSTD_LEVEL, value_name = "LEVEL")]
+        compression_level: i32,
+        /// Dedup block size in KiB (a multiple of 8, 8-65536). Smaller blocks re-upload less
+        /// after scattered changes, at the cost of larger manifests; fixed for the repository's life.
+        #[arg(long, default_value_t = walferry_formats::config::DEFAULT_BLOCK_SIZE / 1024, value_name = "KIB")]
+        block_size: u32,
     },
     /// Run the sidecar: stream WAL, take scheduled backups, serve /metrics and /health.
     ///
@@ -89,6 +98,10 @@ enum Command {
         /// Wait for a spread checkpoint instead of requesting an immediate one.
         #[arg(long)]
         spread_checkpoint: bool,
+        /// Limit how fast the server reads and sends the data directory, e.g. 50M or
+        /// 800k (bytes per second; 32k to 1G), to spare a busy server's disks.
+        #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+        max_rate: Option<u32>,
     },
     /// archive_command-compatible: store one WAL file (segment, .partial, .history, .backup).
     ///
@@ -272,7 +285,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             repo,
             key,
             no_encryption,
-        } => init(repo, key, no_encryption).await,
+            compression_level,
+            block_size,
+        } => init(repo, key, no_encryption, compression_level, block_size).await,
         Command::Run(args) => run(*args).await,
         Command::Backup {
             repo,
@@ -280,6 +295,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             pg,
             label,
             spread_checkpoint,
+            max_rate,
         } => {
             let conninfo = ConnInfo::parse(&pg).map_err(|e| UsageError(format!("--pg: {e}")))?;
             let master = load_master_key(&key)?;
@@ -292,6 +308,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let req = walferry_agent::backup::BackupRequest {
                 label,
                 fast_checkpoint: !spread_checkpoint,
+                max_rate_kb: max_rate,
             };
             let progress = Progress::new();
             let m = walferry_agent::backup::take_leased(&units, &config, &conninfo, &req, "backup", &|b| {
@@ -667,7 +684,13 @@ fn restrict_stdout_file() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn init(repo: RepoArgs, key: KeyArgs, no_encryption: bool) -> anyhow::Result<()> {
+async fn init(
+    repo: RepoArgs,
+    key: KeyArgs,
+    no_encryption: bool,
+    level: i32,
+    block_kib: u32,
+) -> anyhow::Result<()> {
     let master = load_master_key(&key)?;
     match (&master, no_encryption) {
         (None, false) => {
@@ -681,9 +704,24 @@ async fn init(repo: RepoArgs, key: KeyArgs, no_encryption: bool) -> anyhow::Resu
         }
         _ => {}
     }
+    if !(1..=22).contains(&level) {
+        return Err(UsageError(format!(
+            "--compression-level {level}: choose a zstd level from 1 to 22"
+        ))
+        .into());
+    }
+    if block_kib % 8 != 0 || !(8..=65536).contains(&block_kib) {
+        return Err(UsageError(format!(
+            "--block-size {block_kib}: choose a multiple of 8 KiB from 8 to 65536 (a PostgreSQL page is 8 KiB)"
+        ))
+        .into());
+    }
+    let config = RepoConfig::new(master.as_ref(), jiff::Timestamp::now().to_string())
+        .with_layout(level, block_kib * 1024)
+        .context("choose the repository layout")?;
     let r = Repository::open(&repo.repo, repo.repo_options).context("open the repository URL")?;
     let config = r
-        .init(master.as_ref())
+        .init_with(master.as_ref(), config)
         .await
         .with_context(|| format!("create a repository at {}", r.location()))?;
     println!(
@@ -699,6 +737,26 @@ async fn init(repo: RepoArgs, key: KeyArgs, no_encryption: bool) -> anyhow::Resu
         config.block_size / 1024
     );
     Ok(())
+}
+
+/// `--max-rate`: bytes per second with an optional k/M/G suffix (powers of 1024), as kB/s.
+fn parse_rate(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let bytes = num
+        .parse::<u64>()
+        .map_err(|_| format!("{s:?} is not a rate such as 50M or 800k"))?
+        .saturating_mul(mult);
+    let kb = bytes / 1024;
+    if !(32..=1_048_576).contains(&kb) {
+        return Err(format!("{s}: choose from 32k to 1G per second"));
+    }
+    Ok(kb as u32)
 }
 
 /// Opens an existing repository with its keys.

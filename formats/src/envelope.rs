@@ -13,8 +13,7 @@
 
 use std::io::Read;
 
-use aes_gcm::aead::{AeadInPlace, Nonce};
-use aes_gcm::Aes256Gcm;
+use crate::gcm::GcmKey;
 use rand::RngCore;
 
 use crate::error::{Error, Result};
@@ -379,7 +378,7 @@ pub(crate) fn seal_with_cipher(
     identity: &[u8],
     plaintext: &[u8],
     level: Option<i32>,
-    cipher: &Aes256Gcm,
+    cipher: &GcmKey,
     key_id: u32,
 ) -> Result<Vec<u8>> {
     match level {
@@ -415,7 +414,7 @@ pub(crate) fn open_with_cipher(
     bytes: &[u8],
     kind: Kind,
     identity: &[u8],
-    cipher: &Aes256Gcm,
+    cipher: &GcmKey,
 ) -> Result<Vec<u8>> {
     let header = check(bytes)?;
     if header.kind != kind {
@@ -461,7 +460,7 @@ fn frame_encrypted(
     compression: Compression,
     body: &[u8],
     plaintext_len: usize,
-    cipher: &Aes256Gcm,
+    cipher: &GcmKey,
     key_id: u32,
 ) -> Result<Vec<u8>> {
     let mut nonce = [0u8; 12];
@@ -479,11 +478,7 @@ fn frame_encrypted(
     out.extend_from_slice(body);
     let (head, payload) = out.split_at_mut(HEADER_LEN);
     let tag = cipher
-        .encrypt_in_place_detached(
-            Nonce::<Aes256Gcm>::from_slice(&nonce),
-            &aad(head, identity),
-            payload,
-        )
+        .seal(&nonce, &aad(head, identity), payload)
         .map_err(|_| Error::Compress {
             reason: "encryption failed".into(),
         })?;
@@ -493,21 +488,14 @@ fn frame_encrypted(
     Ok(out)
 }
 
-fn decrypt(header: &Header, bytes: &[u8], identity: &[u8], cipher: &Aes256Gcm) -> Result<Vec<u8>> {
+fn decrypt(header: &Header, bytes: &[u8], identity: &[u8], cipher: &GcmKey) -> Result<Vec<u8>> {
     let payload = &bytes[HEADER_LEN..bytes.len() - CRC_LEN];
     let (ct, tag) = payload.split_at(payload.len() - TAG_LEN);
-    let mut buf = ct.to_vec();
     cipher
-        .decrypt_in_place_detached(
-            Nonce::<Aes256Gcm>::from_slice(&header.nonce),
-            &aad(&bytes[..HEADER_LEN], identity),
-            &mut buf,
-            tag.into(),
-        )
+        .open(&header.nonce, &aad(&bytes[..HEADER_LEN], identity), ct, tag)
         .map_err(|_| Error::AuthenticationFailed {
             key_id: header.key_id,
-        })?;
-    Ok(buf)
+        })
 }
 
 #[cfg(test)]

@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-use aes_gcm::aead::KeyInit;
-use aes_gcm::Aes256Gcm;
+use crate::gcm::GcmKey;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -82,8 +81,8 @@ impl MasterKey {
         Zeroizing::new(hex::encode(self.0))
     }
 
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(&self.0.into())
+    fn cipher(&self) -> GcmKey {
+        GcmKey::new(&self.0)
     }
 
     /// A value derived from the key that proves possession without revealing it.
@@ -186,7 +185,7 @@ pub fn wrap_identity(id: u32) -> String {
 
 /// One usable data key.
 pub(crate) struct DataKey {
-    pub(crate) cipher: Aes256Gcm,
+    pub(crate) cipher: GcmKey,
 }
 
 /// The keys a process uses to seal and open objects, and to name blocks.
@@ -228,7 +227,7 @@ impl Keyring {
             keys.insert(
                 m.id,
                 DataKey {
-                    cipher: Aes256Gcm::new(&(*aes).into()),
+                    cipher: GcmKey::new(&aes),
                 },
             );
         }

@@ -20,6 +20,7 @@ pub mod backup;
 pub mod config;
 pub mod envelope;
 mod error;
+pub mod gcm;
 pub mod keyring;
 pub mod layout;
 pub mod lsn;

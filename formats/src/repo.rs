@@ -391,12 +391,21 @@ impl Repository {
 
     /// Creates a new repository. Refuses if one exists; `walferry.json` is written last.
     pub async fn init(&self, master: Option<&MasterKey>) -> Result<RepoConfig> {
+        let config = RepoConfig::new(master, jiff::Timestamp::now().to_string());
+        self.init_with(master, config).await
+    }
+
+    /// [`Self::init`] with a config made by [`RepoConfig::new`] and adjusted by the caller.
+    pub async fn init_with(
+        &self,
+        master: Option<&MasterKey>,
+        config: RepoConfig,
+    ) -> Result<RepoConfig> {
         if self.head(CONFIG_KEY).await?.is_some() {
             return Err(Error::RepositoryExists {
                 location: self.location.clone(),
             });
         }
-        let config = RepoConfig::new(master, jiff::Timestamp::now().to_string());
         if let Some(master) = master {
             let id = config.current_key_id.unwrap_or(1);
             let key = wrap_identity(id);

@@ -14,6 +14,9 @@ use crate::walcatalog::{cluster_binding, WalCatalog};
 use crate::walreader::WalSummary;
 use crate::{Lsn, SegmentSize, TimelineId, Units};
 
+/// How often [`RepoView::load`] reads again after an object vanished mid-read.
+const LOAD_ATTEMPTS: u64 = 5;
+
 /// One commit-time index entry: a WAL range and what was committed in it.
 #[derive(Clone, Debug)]
 pub struct IndexEntry {
@@ -35,6 +38,22 @@ pub struct RepoView {
 
 impl RepoView {
     pub async fn load(units: &Units) -> Result<RepoView> {
+        // A live agent seals segments and deletes their parts, and retention deletes
+        // backups, while this reads: an object listed a moment ago may be gone. Reading
+        // again gives a consistent view; only a miss that persists is an error.
+        let mut attempt = 0;
+        loop {
+            match Self::load_once(units).await {
+                Err(e) if e.is_not_found() && attempt < LOAD_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn load_once(units: &Units) -> Result<RepoView> {
         let repo = units.repo();
         let binding = cluster_binding(repo).await?.ok_or(Error::EmptyRepository)?;
         let size = binding.wal_segment_size;

@@ -215,6 +215,11 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             dest,
             prefetch,
         }) => {
+            // A prefetched segment needs neither the repository nor the key.
+            let cache = dest.parent().map(|p| p.join(walfetch::PREFETCH_DIR));
+            if cache.is_some_and(|c| walfetch::take_prefetched(&c, &name, &dest)) {
+                return Ok(Outcome::Done);
+            }
             let units = repo.open().await?;
             match walfetch::fetch(&units, &name, &dest, prefetch).await? {
                 walfetch::Fetched::Found(_) => Ok(Outcome::Done),
@@ -469,12 +474,29 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<Outcome> {
                 .map(|t| std::path::PathBuf::from(&t.location)),
         )
         .collect();
+    let cache = pgdata.join("pg_wal").join(walfetch::PREFETCH_DIR);
+    walfetch::mark_supervised(&cache).with_context(|| format!("create {}", cache.display()))?;
+    let pgdata2 = pgdata.clone();
+    let owner = tokio::task::spawn_blocking(move || recovery::hand_over(&pgdata2, &dirs))
+        .await
+        .context("hand the data directory to the server's user")??;
+    // Fetches the planned WAL while the server replays it.
+    let prefetching = tokio::spawn(walfetch::prefetch_planned(
+        units.clone(),
+        plan.segments.clone(),
+        cache.clone(),
+        owner,
+    ));
     let pgdata2 = pgdata.clone();
     let timeout = args.start_timeout;
     let reached =
-        tokio::task::spawn_blocking(move || recovery::start_and_follow(&pgdata2, &dirs, timeout))
+        tokio::task::spawn_blocking(move || recovery::start_and_follow(&pgdata2, timeout))
             .await
-            .context("recovery supervisor")??;
+            .context("recovery supervisor");
+    prefetching.abort();
+    let _ = prefetching.await;
+    let _ = std::fs::remove_dir_all(&cache);
+    let reached = reached??;
     for l in &reached.log_summary {
         println!("{l}");
     }

@@ -18,7 +18,6 @@ use walferry_formats::backup::{BackupManifest, EntryKind, FileEntry, ZERO_BLOCK}
 use walferry_formats::Units;
 
 const FILES_IN_FLIGHT: usize = 4;
-const BLOCKS_IN_FLIGHT: usize = 6;
 const LAST_FILES: [&str; 3] = ["tablespace_map", "backup_label", "global/pg_control"];
 
 #[derive(Default, Debug)]
@@ -231,6 +230,7 @@ async fn write_all(
         }
     }
     let stats = Arc::new(Counters::default());
+    let syncs = Syncs::new();
     let is_last = |f: &FileEntry| f.tablespace.is_none() && LAST_FILES.contains(&f.path.as_str());
     let files: Vec<&FileEntry> = manifest
         .files
@@ -238,10 +238,11 @@ async fn write_all(
         .filter(|f| f.kind == EntryKind::File && !is_last(f))
         .collect();
     futures::stream::iter(files)
-        .map(|f| write_file(units, manifest, opts, f, &stats))
+        .map(|f| write_file(units, manifest, opts, f, &stats, &syncs))
         .buffer_unordered(FILES_IN_FLIGHT)
         .try_collect::<Vec<()>>()
         .await?;
+    syncs.finish().await?;
     if opts.delta {
         remove_extra(&opts.pgdata, &wanted)?;
     }
@@ -262,7 +263,8 @@ async fn write_all(
             if name == "tablespace_map" && !opts.tablespace_map.is_empty() {
                 write_tablespace_map(units, manifest, opts, f).await?;
             } else {
-                write_file(units, manifest, opts, f, &stats).await?;
+                write_file(units, manifest, opts, f, &stats, &syncs).await?;
+                syncs.finish().await?;
             }
         }
     }
@@ -301,6 +303,7 @@ async fn write_file(
     opts: &Options,
     f: &FileEntry,
     stats: &Counters,
+    syncs: &Syncs,
 ) -> anyhow::Result<()> {
     let path = dest(manifest, opts, f)?;
     let bs = u64::from(manifest.block_size);
@@ -344,55 +347,171 @@ async fn write_file(
         .open(&path)
         .await
         .with_context(|| format!("create {}", path.display()))?;
-    let fetches = plan.iter().map(|&(offset, b, keep)| async move {
-        if keep {
-            return Ok::<_, anyhow::Error>((offset, None));
-        }
-        if b == ZERO_BLOCK {
-            let len = bs.min(f.size - offset) as usize;
-            return Ok((offset, Some(Bytes::from(vec![0u8; len]))));
-        }
-        let r = &manifest.blocks[b as usize];
-        let sealed = units
-            .repo()
-            .get_range(&r.pack, r.offset..r.offset + u64::from(r.len))
-            .await
-            .with_context(|| {
-                format!("fetch block {} of {} from {}", offset / bs, f.path, r.pack)
-            })?;
-        stats
-            .fetched
-            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
-        let plain = units.open_block(r.id.0, sealed).await.with_context(|| {
-            format!("decode block {} of {} from {}", offset / bs, f.path, r.pack)
-        })?;
-        Ok((offset, Some(plain)))
-    });
-    let mut blocks = futures::stream::iter(fetches).buffered(BLOCKS_IN_FLIGHT);
-    while let Some(next) = blocks.next().await {
-        let (offset, data) = next?;
-        match data {
-            Some(d) => {
-                file.seek(std::io::SeekFrom::Start(offset)).await?;
-                file.write_all(&d)
-                    .await
-                    .with_context(|| format!("write {}", path.display()))?;
-                stats.written.fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
-            None => {
-                stats.reused.fetch_add(1, Ordering::Relaxed);
-            }
+    let runs = runs(manifest, &plan);
+    let fetches = runs
+        .iter()
+        .map(|run| fetch_run(units, manifest, f, run, stats));
+    let mut fetched = futures::stream::iter(fetches).buffered(RUNS_IN_FLIGHT);
+    while let Some(next) = fetched.next().await {
+        for (offset, data) in next? {
+            file.seek(std::io::SeekFrom::Start(offset)).await?;
+            file.write_all(&data)
+                .await
+                .with_context(|| format!("write {}", path.display()))?;
+            stats
+                .written
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
     }
+    let kept = plan.iter().filter(|p| p.2).count() as u64;
+    stats.reused.fetch_add(kept, Ordering::Relaxed);
     file.set_len(f.size).await?;
-    file.sync_all()
-        .await
-        .with_context(|| format!("sync {}", path.display()))?;
-    drop(file);
+    file.flush().await?;
     tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode & 0o7777)).await?;
     stats.files.fetch_add(1, Ordering::Relaxed);
+    syncs.add(file.into_std().await, path);
     Ok(())
 }
+
+/// Blocks fetched with one request and written together: neighbours in one pack (as a
+/// backup writes a file's new blocks), or one zero block.
+struct Run {
+    /// (offset in the file, block index)
+    blocks: Vec<(u64, u32)>,
+}
+
+/// Blocks that go in one run, at most (bounds memory: runs in flight x this x block size).
+const RUN_BLOCKS: usize = 8;
+/// Runs fetched ahead per file.
+const RUNS_IN_FLIGHT: usize = 2;
+
+/// Groups the blocks to write into runs that one range read can fetch.
+fn runs(manifest: &BackupManifest, plan: &[(u64, u32, bool)]) -> Vec<Run> {
+    let mut out: Vec<Run> = Vec::new();
+    for &(offset, b, keep) in plan {
+        if keep {
+            continue;
+        }
+        let joins = out.last().and_then(|run| {
+            let &(_, prev) = run.blocks.last()?;
+            if b == ZERO_BLOCK || prev == ZERO_BLOCK || run.blocks.len() >= RUN_BLOCKS {
+                return None;
+            }
+            let (p, r) = (
+                &manifest.blocks[prev as usize],
+                &manifest.blocks[b as usize],
+            );
+            (p.pack == r.pack && p.offset + u64::from(p.len) == r.offset).then_some(())
+        });
+        match (joins, out.last_mut()) {
+            (Some(()), Some(run)) => run.blocks.push((offset, b)),
+            _ => out.push(Run {
+                blocks: vec![(offset, b)],
+            }),
+        }
+    }
+    out
+}
+
+/// Fetches one run with a single range read and decodes its blocks on the pool.
+async fn fetch_run(
+    units: &Units,
+    manifest: &BackupManifest,
+    f: &FileEntry,
+    run: &Run,
+    stats: &Counters,
+) -> anyhow::Result<Vec<(u64, Bytes)>> {
+    let bs = u64::from(manifest.block_size);
+    let &(first_offset, first) = run.blocks.first().ok_or_else(|| anyhow!("empty run"))?;
+    if first == ZERO_BLOCK {
+        let len = bs.min(f.size - first_offset) as usize;
+        return Ok(vec![(first_offset, Bytes::from(vec![0u8; len]))]);
+    }
+    let refs: Vec<_> = run
+        .blocks
+        .iter()
+        .map(|&(_, b)| &manifest.blocks[b as usize])
+        .collect();
+    let (start, pack) = (refs[0].offset, &refs[0].pack);
+    let end = refs
+        .iter()
+        .map(|r| r.offset + u64::from(r.len))
+        .max()
+        .unwrap_or(start);
+    let which = || {
+        let blocks: Vec<u64> = run.blocks.iter().map(|&(o, _)| o / bs).collect();
+        match blocks.as_slice() {
+            [one] => format!("block {one}"),
+            [a, .., z] => format!("blocks {a}-{z}"),
+            [] => String::new(),
+        }
+    };
+    let sealed = units
+        .repo()
+        .get_range(pack, start..end)
+        .await
+        .with_context(|| format!("fetch {} of {} from {pack}", which(), f.path))?;
+    stats
+        .fetched
+        .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+    let decodes = run.blocks.iter().zip(&refs).map(|(&(offset, _), r)| {
+        let from = (r.offset - start) as usize;
+        let piece = sealed.slice(from..from + r.len as usize);
+        async move {
+            let plain = units.open_block(r.id.0, piece).await.with_context(|| {
+                format!("decode block {} of {} from {}", offset / bs, f.path, r.pack)
+            })?;
+            Ok::<_, anyhow::Error>((offset, plain))
+        }
+    });
+    futures::future::try_join_all(decodes).await
+}
+
+/// Files written but not yet synced. Syncing happens beside the writing of later files,
+/// and [`Syncs::finish`] waits for all of it before the commit files are written.
+struct Syncs {
+    tasks: std::sync::Mutex<tokio::task::JoinSet<anyhow::Result<()>>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Syncs {
+    fn new() -> Self {
+        Syncs {
+            tasks: std::sync::Mutex::new(tokio::task::JoinSet::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(SYNCS_IN_FLIGHT)),
+        }
+    }
+
+    fn add(&self, file: std::fs::File, path: PathBuf) {
+        let slots = self.slots.clone();
+        let task = async move {
+            let _slot = slots.acquire_owned().await.context("sync slots closed")?;
+            tokio::task::spawn_blocking(move || {
+                file.sync_all()
+                    .with_context(|| format!("sync {}", path.display()))
+            })
+            .await
+            .context("sync task")?
+        };
+        if let Ok(mut t) = self.tasks.lock() {
+            t.spawn(task);
+        }
+    }
+
+    async fn finish(&self) -> anyhow::Result<()> {
+        let mut tasks = match self.tasks.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(_) => bail!("a sync task panicked"),
+        };
+        while let Some(r) = tasks.join_next().await {
+            r.context("sync task")??;
+        }
+        Ok(())
+    }
+}
+
+/// Files synced at once.
+const SYNCS_IN_FLIGHT: usize = 4;
 
 /// With relocated tablespaces, recovery must recreate the links to the new places.
 async fn write_tablespace_map(

@@ -140,25 +140,32 @@ fn is_root() -> bool {
 }
 
 /// Starts the restored cluster, follows recovery to its end, and reports what it reached.
-pub fn start_and_follow(
-    pgdata: &Path,
-    extra_dirs: &[PathBuf],
-    timeout: Duration,
-) -> anyhow::Result<Reached> {
-    let bin = pg_bin_dir()?;
-    let user = is_root().then_some("postgres");
-    if let Some(u) = user {
-        for d in std::iter::once(&pgdata.to_path_buf()).chain(extra_dirs) {
-            let st = Command::new("chown")
-                .args(["-R", u])
-                .arg(d)
-                .status()
-                .context("run chown")?;
-            if !st.success() {
-                bail!("chown -R {u} {} failed", d.display());
-            }
+/// As root, gives the restored directories to `postgres` (the server refuses to run as
+/// root) and returns its uid and gid, for files written into them afterwards.
+pub fn hand_over(pgdata: &Path, extra_dirs: &[PathBuf]) -> anyhow::Result<Option<(u32, u32)>> {
+    if !is_root() {
+        return Ok(None);
+    }
+    let u = "postgres";
+    for d in std::iter::once(&pgdata.to_path_buf()).chain(extra_dirs) {
+        let st = Command::new("chown")
+            .args(["-R", u])
+            .arg(d)
+            .status()
+            .context("run chown")?;
+        if !st.success() {
+            bail!("chown -R {u} {} failed", d.display());
         }
     }
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(pgdata).with_context(|| format!("stat {}", pgdata.display()))?;
+    Ok(Some((m.uid(), m.gid())))
+}
+
+/// Starts the server on a restored directory (after [`hand_over`]) and follows recovery.
+pub fn start_and_follow(pgdata: &Path, timeout: Duration) -> anyhow::Result<Reached> {
+    let bin = pg_bin_dir()?;
+    let user = is_root().then_some("postgres");
     let log = pgdata.join("walferry-recovery.log");
     let st = pg_command(&bin.join("pg_ctl"), user)
         .arg("-D")
@@ -181,7 +188,7 @@ pub fn start_and_follow(
     // absence means "still starting" (for a grace period), not "stopped".
     let mut seen_pid = false;
     loop {
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(100));
         let text = read(&log);
         let pid_file = pgdata.join("postmaster.pid");
         let pid_text = std::fs::read_to_string(&pid_file).ok();

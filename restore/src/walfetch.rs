@@ -1,6 +1,8 @@
 //! `wal-fetch`: hand one WAL file to recovery, as `restore_command` does.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
 
 use anyhow::Context;
 use walferry_formats::envelope::Kind;
@@ -28,6 +30,106 @@ pub enum Source {
 
 /// Where prefetched segments wait, beside the destination (`pg_wal/` during recovery).
 pub const PREFETCH_DIR: &str = ".walferry-prefetch";
+/// Present in [`PREFETCH_DIR`] while `restore --start` runs [`prefetch_planned`].
+const SUPERVISED: &str = ".supervised";
+/// Segments [`prefetch_planned`] keeps ready ahead of recovery (disk: this many segments).
+const PLANNED_AHEAD: usize = 8;
+/// Segments it fetches at once.
+const PLANNED_PARALLEL: usize = 3;
+
+/// Moves a prefetched `name` to `dest`, and drops cached segments recovery has passed
+/// (names sort in WAL order), which a prefetcher that fell behind may have left.
+pub fn take_prefetched(cache: &Path, name: &str, dest: &Path) -> bool {
+    let hit = std::fs::rename(cache.join(name), dest).is_ok();
+    if is_segment_name(name) {
+        if let Ok(rd) = std::fs::read_dir(cache) {
+            for e in rd.flatten() {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                if is_segment_name(&n) && *n < *name {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    hit
+}
+
+fn is_segment_name(n: &str) -> bool {
+    n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Fetches the planned segments into `cache`, in order, a few at a time, keeping at most
+/// [`PLANNED_AHEAD`] waiting there: recovery's `wal-fetch` calls then find them on local
+/// disk instead of waiting for the repository. Only sealed segments (they never change);
+/// a miss or an error is left for `wal-fetch` itself to meet and report. Files are given
+/// to `owner` (the data directory's owner), so the server can recycle them later.
+pub async fn prefetch_planned(
+    units: Units,
+    segments: Vec<String>,
+    cache: PathBuf,
+    owner: Option<(u32, u32)>,
+) {
+    let Ok(Some(binding)) = cluster_binding(units.repo()).await else {
+        return;
+    };
+    let size = binding.wal_segment_size;
+    let waiting = |cache: &Path| {
+        std::fs::read_dir(cache)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| is_segment_name(&e.file_name().to_string_lossy()))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let jobs = segments.into_iter().map(|name| {
+        let (units, cache) = (&units, &cache);
+        async move {
+            while waiting(cache) >= PLANNED_AHEAD {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            let Ok(parsed @ WalFileName::Segment { .. }) = WalFileName::parse(&name, size) else {
+                return;
+            };
+            let Ok(bytes) = units
+                .get(&wal_file_key(&parsed, size), Kind::WalSegment)
+                .await
+            else {
+                return;
+            };
+            let _ = write_owned(&cache.join(&name), &bytes, owner).await;
+        }
+    });
+    futures::stream::iter(jobs)
+        .buffered(PLANNED_PARALLEL)
+        .for_each(|()| async {})
+        .await;
+}
+
+/// Marks `cache` as served by [`prefetch_planned`] (see [`fetch`]).
+pub fn mark_supervised(cache: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(cache)?;
+    std::fs::write(cache.join(SUPERVISED), b"")
+}
+
+/// [`write_atomically`], then handed to `owner` before it becomes visible.
+async fn write_owned(dest: &Path, bytes: &[u8], owner: Option<(u32, u32)>) -> anyhow::Result<()> {
+    let mut tmp = dest.as_os_str().to_owned();
+    tmp.push(".walferry-tmp");
+    let tmp = PathBuf::from(tmp);
+    tokio::fs::write(&tmp, bytes)
+        .await
+        .with_context(|| format!("write {}", tmp.display()))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))
+            .with_context(|| format!("chown {}", tmp.display()))?;
+    }
+    tokio::fs::rename(&tmp, dest)
+        .await
+        .with_context(|| format!("rename {} to {}", tmp.display(), dest.display()))?;
+    Ok(())
+}
 
 /// Fetches `name` into `dest`. A segment with no sealed object is assembled from its
 /// streamed parts and zero-padded to the full size, as pg_receivewal leaves `.partial` files.
@@ -42,14 +144,16 @@ pub async fn fetch(
 ) -> anyhow::Result<Fetched> {
     let cache = dest.parent().map(|p| p.join(PREFETCH_DIR));
     if let Some(c) = &cache {
-        let cached = c.join(name);
-        if tokio::fs::rename(&cached, dest).await.is_ok() {
+        if take_prefetched(c, name, dest) {
             return Ok(Fetched::Found(Source::Prefetched));
         }
     }
+    // Under `restore --start` the supervisor fetches ahead itself; a miss here only means
+    // it has not got this far, so fetch just this one.
+    let supervised = cache.as_ref().is_some_and(|c| c.join(SUPERVISED).exists());
     let ahead = async {
         let Some(c) = &cache else { return };
-        if prefetch == 0 {
+        if prefetch == 0 || supervised {
             return;
         }
         let Ok(Some(binding)) = cluster_binding(units.repo()).await else {
@@ -91,13 +195,21 @@ async fn fetch_one(units: &Units, name: &str, dest: &Path) -> anyhow::Result<Fet
             let key = wal_file_key(&parsed, size);
             match units.get(&key, Kind::WalSegment).await {
                 Ok(b) => (b, Source::Sealed),
-                Err(e) if e.is_not_found() => match fetch_parts(units, tli, segno, size)
-                    .await
-                    .context("assemble the segment from streamed parts")?
-                {
-                    Some((b, covered)) => (b, Source::Parts { covered }),
-                    None => return Ok(Fetched::NotFound),
-                },
+                Err(e) if e.is_not_found() => {
+                    let parts = fetch_parts(units, tli, segno, size).await;
+                    // A live agent deletes parts only once the sealed segment is stored:
+                    // parts that vanished mid-read mean the sealed copy exists now.
+                    match units.get(&key, Kind::WalSegment).await {
+                        Ok(b) => (b, Source::Sealed),
+                        Err(e) if e.is_not_found() => {
+                            match parts.context("assemble the segment from streamed parts")? {
+                                Some((b, covered)) => (b, Source::Parts { covered }),
+                                None => return Ok(Fetched::NotFound),
+                            }
+                        }
+                        Err(e) => return Err(e).with_context(|| format!("fetch {key}")),
+                    }
+                }
                 Err(e) => return Err(e).with_context(|| format!("fetch {key}")),
             }
         }

@@ -620,7 +620,7 @@ async fn server_restart_and_crash_end_the_stream_with_transient_errors() {
         if !crash {
             assert!(
                 saw_shutdown,
-                "a clean shutdown is reported as ServerShutdown"
+                "a clean shutdown is reported as ServerShutdown, not {err:?}"
             );
         }
         let p = pg.clone();

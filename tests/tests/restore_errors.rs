@@ -788,7 +788,10 @@ async fn postgres_restart_during_backup_fails_cleanly() {
     let mut f = Fixture::streaming(&["-i", "-s", "1", "-q"]);
     add_noise(&f.pg);
     let log = f.scratch.path().join("backup.log");
-    let mut backup = AgentProcess::spawn(&f.backup_args(), &log).unwrap();
+    // Throttled by the server (MAX_RATE), so the restart lands mid-backup on any machine.
+    let mut args = f.backup_args();
+    args.extend(["--max-rate".into(), "1M".into()]);
+    let mut backup = AgentProcess::spawn(&args, &log).unwrap();
     assert!(
         wait_for_log(&mut backup, "starting base backup", Duration::from_secs(60)),
         "{}",

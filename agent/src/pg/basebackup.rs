@@ -255,6 +255,12 @@ pub struct BaseBackupStream<'c> {
     bytes: u64,
 }
 
+impl Drop for BaseBackupStream<'_> {
+    fn drop(&mut self) {
+        self.conn.io.set_read_chunk(super::io::READ_CHUNK);
+    }
+}
+
 impl std::fmt::Debug for BaseBackupStream<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BaseBackupStream")
@@ -299,6 +305,7 @@ impl ReplicationConnection {
                             "BASE_BACKUP began sending before reporting its start position",
                         ));
                     };
+                    self.io.set_read_chunk(super::io::BULK_READ_CHUNK);
                     let mut stream = BaseBackupStream {
                         conn: self,
                         flow,

@@ -90,9 +90,16 @@ pub(crate) struct MessageIo {
     wbuf: BytesMut,
     /// Bytes were written since the last successful flush (TLS buffers inside rustls).
     unflushed: bool,
+    /// Largest single read; decoded messages share (and pin) one read's allocation.
+    read_chunk: usize,
 }
 
-const READ_CHUNK: usize = 64 * 1024;
+/// Reads during streaming replication: WAL messages sit in the archiver's buffers, so
+/// small reads keep what they pin small.
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
+/// Reads during a base backup, where data passes straight through: fewer syscalls and
+/// wakeups per gigabyte.
+pub(crate) const BULK_READ_CHUNK: usize = 512 * 1024;
 
 impl MessageIo {
     pub(crate) fn new(sock: Socket) -> Self {
@@ -101,7 +108,12 @@ impl MessageIo {
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(1024),
             unflushed: false,
+            read_chunk: READ_CHUNK,
         }
+    }
+
+    pub(crate) fn set_read_chunk(&mut self, bytes: usize) {
+        self.read_chunk = bytes.max(8 * 1024);
     }
 
     pub(crate) fn socket(&self) -> &Socket {
@@ -119,7 +131,7 @@ impl MessageIo {
             if let Some(m) = codec::decode(&mut self.rbuf)? {
                 return Ok(m);
             }
-            let want = codec::bytes_needed(&self.rbuf).clamp(8 * 1024, READ_CHUNK);
+            let want = codec::bytes_needed(&self.rbuf).clamp(8 * 1024, self.read_chunk);
             self.rbuf.reserve(want);
             match self.sock.read_buf(&mut self.rbuf).await {
                 Ok(0) => return Err(PgError::Closed),

@@ -389,6 +389,9 @@ pub struct ReplicationStream<'c> {
     /// End of the last XLogData received (the start position before any).
     received: Lsn,
     next_timeline: Option<(TimelineId, Lsn)>,
+    /// A write failed (the walsender may have exited): what it sent before still gets
+    /// read, so a clean shutdown is told apart from a broken connection.
+    write_failed: Option<PgError>,
 }
 
 impl std::fmt::Debug for ReplicationStream<'_> {
@@ -415,6 +418,7 @@ impl<'c> ReplicationStream<'c> {
             reported: (Lsn::INVALID, Lsn::INVALID, Lsn::INVALID),
             received: start,
             next_timeline: None,
+            write_failed: None,
         }
     }
 
@@ -430,14 +434,22 @@ impl<'c> ReplicationStream<'c> {
         loop {
             // Queued writes (a keepalive answer, our CopyDone, a cancelled send_status)
             // go out first; they stay queued if this future is dropped.
-            if let Err(e) = self.conn.flush().await {
+            let flushed = match self.write_failed {
+                Some(_) => Ok(()),
+                None => self.conn.flush().await,
+            };
+            if let Err(e) = flushed {
                 let clean_end = self.phase == Phase::Ending && self.next_timeline.is_none();
-                self.phase = Phase::Closed;
                 if clean_end && matches!(e, PgError::Closed | PgError::Io(_)) {
                     // Our CopyDone met a walsender that already exited after its shutdown.
+                    self.phase = Phase::Closed;
                     return Ok(ReplicationEvent::ServerShutdown);
                 }
-                return Err(e);
+                if !matches!(e, PgError::Closed | PgError::Io(_)) {
+                    self.phase = Phase::Closed;
+                    return Err(e);
+                }
+                self.write_failed = Some(e);
             }
             if let Some(ev) = self.pending.take() {
                 return Ok(ev);
@@ -462,7 +474,7 @@ impl<'c> ReplicationStream<'c> {
                 }
                 Err(e) => {
                     self.phase = Phase::Closed;
-                    return Err(e);
+                    return Err(self.write_failed.take().unwrap_or(e));
                 }
             };
             match (self.phase, msg) {
@@ -573,13 +585,25 @@ impl<'c> ReplicationStream<'c> {
         if self.phase != Phase::Streaming {
             return Ok(());
         }
+        if self.write_failed.is_some() {
+            return Err(PgError::Closed);
+        }
         self.reported = (write, flush, apply);
         self.queue_status(reply_requested);
-        let r = self.conn.flush().await;
-        if r.is_err() {
-            self.phase = Phase::Closed;
+        match self.conn.flush().await {
+            Ok(()) => Ok(()),
+            // The socket may still hold the server's last words (a clean shutdown's
+            // CopyDone): next() reads them before it reports the failure.
+            Err(e @ (PgError::Closed | PgError::Io(_))) => {
+                let msg = e.to_string();
+                self.write_failed = Some(e);
+                Err(PgError::Io(std::io::Error::other(msg)))
+            }
+            Err(e) => {
+                self.phase = Phase::Closed;
+                Err(e)
+            }
         }
-        r
     }
 
     fn queue_status(&mut self, reply_requested: bool) {
