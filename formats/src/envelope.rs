@@ -305,6 +305,89 @@ impl Opener {
         }
     }
 
+    /// [`Self::open`] straight into `out` (named `path` in errors), decompressing a piece at
+    /// a time, so a large unit (a 16 MiB WAL segment) never sits in memory whole. Returns
+    /// the plaintext length; on error, `out` holds a partial write the caller must discard.
+    pub fn open_into(
+        &mut self,
+        bytes: &[u8],
+        kind: Kind,
+        identity: &[u8],
+        keyring: &Keyring,
+        out: &mut impl std::io::Write,
+        path: &std::path::Path,
+    ) -> Result<u64> {
+        let header = check(bytes)?;
+        if header.kind != kind {
+            return Err(Error::WrongKind {
+                expected: kind,
+                found: header.kind,
+            });
+        }
+        let decrypted;
+        let body: &[u8] = match header.cipher {
+            Cipher::None => {
+                if keyring.is_encrypted() {
+                    return Err(Error::PlaintextRejected);
+                }
+                &bytes[HEADER_LEN..bytes.len() - CRC_LEN]
+            }
+            Cipher::Aes256Gcm => {
+                let key = keyring
+                    .get(header.key_id)
+                    .ok_or(if keyring.is_encrypted() {
+                        Error::UnknownKeyId {
+                            key_id: header.key_id,
+                        }
+                    } else {
+                        Error::KeyRequired {
+                            key_id: header.key_id,
+                        }
+                    })?;
+                decrypted = decrypt(&header, bytes, identity, &key.cipher)?;
+                &decrypted
+            }
+        };
+        let write_err = |source| Error::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let written = match header.compression {
+            Compression::None => {
+                out.write_all(body).map_err(write_err)?;
+                body.len() as u64
+            }
+            Compression::Zstd => {
+                let mut dec = zstd::stream::read::Decoder::new(body)
+                    .map_err(|e| Error::Decompress {
+                        reason: e.to_string(),
+                    })?
+                    .take(header.plaintext_len + 1);
+                let mut buf = vec![0u8; 256 << 10];
+                let mut n = 0u64;
+                loop {
+                    let got = dec.read(&mut buf).map_err(|e| Error::Decompress {
+                        reason: e.to_string(),
+                    })?;
+                    if got == 0 {
+                        break;
+                    }
+                    out.write_all(&buf[..got]).map_err(write_err)?;
+                    n += got as u64;
+                }
+                n
+            }
+        };
+        if written != header.plaintext_len {
+            return Err(Error::LengthMismatch {
+                declared: header.plaintext_len,
+                actual: written,
+            });
+        }
+        out.flush().map_err(write_err)?;
+        Ok(written)
+    }
+
     /// [`Self::decompress`] for a body the caller owns (just decrypted): a stored,
     /// uncompressed body is handed back as it is instead of being copied once more.
     fn decompress_owned(&mut self, header: &Header, body: Vec<u8>) -> Result<Vec<u8>> {

@@ -66,6 +66,12 @@ pub enum Error {
     #[error("decompression failed: {reason}")]
     Decompress { reason: String },
 
+    #[error("write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
     #[error("compression failed: {reason}")]
     Compress { reason: String },
 

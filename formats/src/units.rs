@@ -141,6 +141,24 @@ impl Units {
         }
     }
 
+    /// Fetches `key` and opens it straight into `file` (see [`Opener::open_into`]), off
+    /// the async threads; returns the plaintext length.
+    pub async fn get_into(
+        &self,
+        key: &str,
+        kind: Kind,
+        file: std::fs::File,
+        path: std::path::PathBuf,
+    ) -> Result<u64, Error> {
+        let sealed = self.repo.get(key).await?;
+        let identity = key.as_bytes().to_vec();
+        self.on_pool(move |keyring| {
+            let mut file = file;
+            with_opener(|o| o.open_into(&sealed, kind, &identity, keyring, &mut file, &path))
+        })
+        .await
+    }
+
     /// Fetches and opens `key`.
     pub async fn get(&self, key: &str, kind: Kind) -> Result<Bytes, Error> {
         let sealed = self.repo.get(key).await?;

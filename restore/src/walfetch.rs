@@ -92,13 +92,8 @@ pub async fn prefetch_planned(
             let Ok(parsed @ WalFileName::Segment { .. }) = WalFileName::parse(&name, size) else {
                 return;
             };
-            let Ok(bytes) = units
-                .get(&wal_file_key(&parsed, size), Kind::WalSegment)
-                .await
-            else {
-                return;
-            };
-            let _ = write_owned(&cache.join(&name), &bytes, owner).await;
+            let key = wal_file_key(&parsed, size);
+            let _ = store_sealed(units, &key, &cache.join(&name), owner).await;
         }
     });
     futures::stream::iter(jobs)
@@ -113,22 +108,47 @@ pub fn mark_supervised(cache: &Path) -> std::io::Result<()> {
     std::fs::write(cache.join(SUPERVISED), b"")
 }
 
-/// [`write_atomically`], then handed to `owner` before it becomes visible.
-async fn write_owned(dest: &Path, bytes: &[u8], owner: Option<(u32, u32)>) -> anyhow::Result<()> {
+/// Decodes the sealed segment `key` straight into `dest` (through a temporary file beside
+/// it, handed to `owner` before it becomes visible), a piece at a time: a 16 MiB segment
+/// is never held in memory whole. Ok(false) when the repository has no such object.
+async fn store_sealed(
+    units: &Units,
+    key: &str,
+    dest: &Path,
+    owner: Option<(u32, u32)>,
+) -> anyhow::Result<bool> {
     let mut tmp = dest.as_os_str().to_owned();
     tmp.push(".walferry-tmp");
     let tmp = PathBuf::from(tmp);
-    tokio::fs::write(&tmp, bytes)
-        .await
-        .with_context(|| format!("write {}", tmp.display()))?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))
-            .with_context(|| format!("chown {}", tmp.display()))?;
+    let file = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    let stored = async {
+        units
+            .get_into(key, Kind::WalSegment, file, tmp.clone())
+            .await?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", tmp.display()))?;
+        }
+        tokio::fs::rename(&tmp, dest)
+            .await
+            .with_context(|| format!("rename {} to {}", tmp.display(), dest.display()))?;
+        Ok::<_, anyhow::Error>(())
     }
-    tokio::fs::rename(&tmp, dest)
-        .await
-        .with_context(|| format!("rename {} to {}", tmp.display(), dest.display()))?;
-    Ok(())
+    .await;
+    match stored {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            let missing = e
+                .downcast_ref::<walferry_formats::Error>()
+                .is_some_and(|f| f.is_not_found());
+            if missing {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Fetches `name` into `dest`. A segment with no sealed object is assembled from its
@@ -173,9 +193,7 @@ pub async fn fetch(
         futures::future::join_all(next.map(|n| async move {
             let key = wal_file_key(&n, size);
             // Only sealed segments: they never change. A miss or an error here is not ours to report.
-            if let Ok(b) = units.get(&key, Kind::WalSegment).await {
-                let _ = write_atomically(&c.join(n.format(size)), &b).await;
-            }
+            let _ = store_sealed(units, &key, &c.join(n.format(size)), None).await;
         }))
         .await;
     };
@@ -193,24 +211,23 @@ async fn fetch_one(units: &Units, name: &str, dest: &Path) -> anyhow::Result<Fet
     let (bytes, source) = match parsed {
         WalFileName::Segment { tli, segno } => {
             let key = wal_file_key(&parsed, size);
-            match units.get(&key, Kind::WalSegment).await {
-                Ok(b) => (b, Source::Sealed),
-                Err(e) if e.is_not_found() => {
-                    let parts = fetch_parts(units, tli, segno, size).await;
-                    // A live agent deletes parts only once the sealed segment is stored:
-                    // parts that vanished mid-read mean the sealed copy exists now.
-                    match units.get(&key, Kind::WalSegment).await {
-                        Ok(b) => (b, Source::Sealed),
-                        Err(e) if e.is_not_found() => {
-                            match parts.context("assemble the segment from streamed parts")? {
-                                Some((b, covered)) => (b, Source::Parts { covered }),
-                                None => return Ok(Fetched::NotFound),
-                            }
-                        }
-                        Err(e) => return Err(e).with_context(|| format!("fetch {key}")),
-                    }
-                }
-                Err(e) => return Err(e).with_context(|| format!("fetch {key}")),
+            let fetch_sealed = || async {
+                store_sealed(units, &key, dest, None)
+                    .await
+                    .with_context(|| format!("fetch {key}"))
+            };
+            if fetch_sealed().await? {
+                return Ok(Fetched::Found(Source::Sealed));
+            }
+            let parts = fetch_parts(units, tli, segno, size).await;
+            // A live agent deletes parts only once the sealed segment is stored: parts
+            // that vanished mid-read mean the sealed copy exists now.
+            if fetch_sealed().await? {
+                return Ok(Fetched::Found(Source::Sealed));
+            }
+            match parts.context("assemble the segment from streamed parts")? {
+                Some((b, covered)) => (b, Source::Parts { covered }),
+                None => return Ok(Fetched::NotFound),
             }
         }
         WalFileName::Partial { tli, segno } => match fetch_parts(units, tli, segno, size)
