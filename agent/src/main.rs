@@ -774,3 +774,20 @@ fn load_master_key(args: &KeyArgs) -> anyhow::Result<Option<MasterKey>> {
     let env_key = std::env::var("WALFERRY_KEY").ok();
     MasterKey::resolve(args.key_file.as_deref(), env_key.as_deref()).context("load the master key")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates_are_bytes_per_second_as_kb() {
+        assert_eq!(parse_rate("50M"), Ok(50 * 1024));
+        assert_eq!(parse_rate("800k"), Ok(800));
+        assert_eq!(parse_rate("1G"), Ok(1 << 20));
+        assert_eq!(parse_rate("32768"), Ok(32));
+        assert!(parse_rate("31k").is_err());
+        assert!(parse_rate("2G").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("").is_err());
+    }
+}

@@ -11,6 +11,7 @@
 //!
 //! Pure and synchronous: callers run it on a blocking pool.
 
+use std::borrow::Cow;
 use std::io::Read;
 
 use crate::gcm::GcmKey;
@@ -280,28 +281,9 @@ impl Opener {
                 found: header.kind,
             });
         }
-        match header.cipher {
-            Cipher::None => {
-                if keyring.is_encrypted() {
-                    return Err(Error::PlaintextRejected);
-                }
-                self.decompress(&header, &bytes[HEADER_LEN..bytes.len() - CRC_LEN])
-            }
-            Cipher::Aes256Gcm => {
-                let key = keyring
-                    .get(header.key_id)
-                    .ok_or(if keyring.is_encrypted() {
-                        Error::UnknownKeyId {
-                            key_id: header.key_id,
-                        }
-                    } else {
-                        Error::KeyRequired {
-                            key_id: header.key_id,
-                        }
-                    })?;
-                let body = decrypt(&header, bytes, identity, &key.cipher)?;
-                self.decompress_owned(&header, body)
-            }
+        match authenticated_body(&header, bytes, identity, keyring)? {
+            Cow::Borrowed(body) => self.decompress(&header, body),
+            Cow::Owned(body) => self.decompress_owned(&header, body),
         }
     }
 
@@ -324,30 +306,8 @@ impl Opener {
                 found: header.kind,
             });
         }
-        let decrypted;
-        let body: &[u8] = match header.cipher {
-            Cipher::None => {
-                if keyring.is_encrypted() {
-                    return Err(Error::PlaintextRejected);
-                }
-                &bytes[HEADER_LEN..bytes.len() - CRC_LEN]
-            }
-            Cipher::Aes256Gcm => {
-                let key = keyring
-                    .get(header.key_id)
-                    .ok_or(if keyring.is_encrypted() {
-                        Error::UnknownKeyId {
-                            key_id: header.key_id,
-                        }
-                    } else {
-                        Error::KeyRequired {
-                            key_id: header.key_id,
-                        }
-                    })?;
-                decrypted = decrypt(&header, bytes, identity, &key.cipher)?;
-                &decrypted
-            }
-        };
+        let body = authenticated_body(&header, bytes, identity, keyring)?;
+        let body: &[u8] = &body;
         let write_err = |source| Error::Write {
             path: path.to_path_buf(),
             source,
@@ -513,6 +473,34 @@ pub(crate) fn open_with_cipher(
     Opener::new()?.decompress_owned(&header, body)
 }
 
+/// The payload after the key checks: borrowed when stored in the clear (allowed only in
+/// an unencrypted repository), decrypted and authenticated otherwise.
+fn authenticated_body<'a>(
+    header: &Header,
+    bytes: &'a [u8],
+    identity: &[u8],
+    keyring: &Keyring,
+) -> Result<Cow<'a, [u8]>> {
+    match header.cipher {
+        Cipher::None if keyring.is_encrypted() => Err(Error::PlaintextRejected),
+        Cipher::None => Ok(Cow::Borrowed(&bytes[HEADER_LEN..bytes.len() - CRC_LEN])),
+        Cipher::Aes256Gcm => {
+            let key = keyring
+                .get(header.key_id)
+                .ok_or(if keyring.is_encrypted() {
+                    Error::UnknownKeyId {
+                        key_id: header.key_id,
+                    }
+                } else {
+                    Error::KeyRequired {
+                        key_id: header.key_id,
+                    }
+                })?;
+            Ok(Cow::Owned(decrypt(header, bytes, identity, &key.cipher)?))
+        }
+    }
+}
+
 fn aad(header_bytes: &[u8], identity: &[u8]) -> Vec<u8> {
     let mut a = Vec::with_capacity(header_bytes.len() + identity.len());
     a.extend_from_slice(header_bytes);
@@ -608,6 +596,34 @@ mod tests {
                 assert_eq!(h.plaintext_len, data.len() as u64);
                 assert_eq!(h.cipher == Cipher::Aes256Gcm, keys.is_encrypted());
                 assert_eq!(open(&sealed, Kind::Block, b"id", &keys).unwrap(), data);
+            }
+        }
+    }
+
+    #[test]
+    fn open_into_writes_what_open_returns() {
+        let path = std::path::Path::new("out");
+        for keys in [ring(1), Keyring::unencrypted()] {
+            // Below, at and well above the 256 KiB pieces open_into decompresses in.
+            for data in [Vec::new(), sample(256 << 10), sample(3 << 20)] {
+                let sealed = seal(Kind::WalSegment, b"w", &data, 3, &keys).unwrap();
+                let mut out = Vec::new();
+                let n = Opener::new()
+                    .unwrap()
+                    .open_into(&sealed, Kind::WalSegment, b"w", &keys, &mut out, path)
+                    .unwrap();
+                assert_eq!(n, data.len() as u64);
+                assert_eq!(out, data);
+                // Damage is refused before anything is written.
+                let mut bad = sealed.clone();
+                let mid = bad.len() / 2;
+                bad[mid] ^= 1;
+                let mut out = Vec::new();
+                assert!(Opener::new()
+                    .unwrap()
+                    .open_into(&bad, Kind::WalSegment, b"w", &keys, &mut out, path)
+                    .is_err());
+                assert!(out.is_empty());
             }
         }
     }

@@ -34,6 +34,11 @@ pub struct RestoreRepo {
 impl RestoreRepo {
     /// `keygen` + `init` on `target`.
     pub fn init(target: StoreTarget) -> Result<RestoreRepo> {
+        Self::init_with(target, &[])
+    }
+
+    /// [`Self::init`] with extra `init` flags (`--compression-level`, `--block-size`).
+    pub fn init_with(target: StoreTarget, init_flags: &[&str]) -> Result<RestoreRepo> {
         let dir = tempfile::Builder::new()
             .prefix("walferry-key-")
             .tempdir()
@@ -55,6 +60,7 @@ impl RestoreRepo {
         let mut args = vec!["init".to_string()];
         args.extend(repo_args(&target));
         args.extend(["--key-file".into(), key.display().to_string()]);
+        args.extend(init_flags.iter().map(|f| f.to_string()));
         let (st, out, err) = run_walferry("walferry-agent", &args, &[])?;
         if !st.success() {
             bail!("init failed: {out}{err}");

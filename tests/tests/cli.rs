@@ -59,6 +59,23 @@ async fn init_refuses_and_leaves_untouched(t: StoreTarget) {
     assert_eq!(st.code(), Some(2), "{err}");
     assert!(err.contains("--no-encryption"), "{err}");
 
+    // A block size that is not whole pages, or a zstd level out of range: usage errors
+    // that name the flag, and nothing is written.
+    for (flags, names) in [
+        (["--block-size", "12"], "--block-size 12"),
+        (["--compression-level", "23"], "--compression-level 23"),
+    ] {
+        let mut extra = vec!["--key-file", &key_s];
+        extra.extend(flags);
+        let (st, _, err) = run_walferry("walferry-agent", &init_args(&t, &extra), &[]).unwrap();
+        assert_eq!(st.code(), Some(2), "{err}");
+        assert!(err.contains(names), "{err}");
+        assert!(matches!(
+            repo.config().await,
+            Err(Error::NotARepository { .. })
+        ));
+    }
+
     let (st, out, err) = run_walferry(
         "walferry-agent",
         &init_args(&t, &["--key-file", &key_s]),

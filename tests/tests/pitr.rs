@@ -31,6 +31,11 @@ struct Source {
 impl Source {
     /// `prepare`: (database, SQL) run before `db` is created (e.g. extensions for template1).
     fn start(target: StoreTarget, prepare: &[(&str, &str)]) -> Source {
+        Self::start_with(target, prepare, &[])
+    }
+
+    /// `init_flags`: extra flags for `walferry-agent init`.
+    fn start_with(target: StoreTarget, prepare: &[(&str, &str)], init_flags: &[&str]) -> Source {
         let pg = PgCluster::start().unwrap();
         for (db, sql) in prepare {
             pg.psql(db, sql).unwrap();
@@ -38,7 +43,7 @@ impl Source {
         pg.psql("postgres", &format!("create database {DB}"))
             .unwrap();
         pg.psql(DB, WRITER_SCHEMA).unwrap();
-        let repo = RestoreRepo::init(target).unwrap();
+        let repo = RestoreRepo::init_with(target, init_flags).unwrap();
         let agent = repo
             .agent(&pg.superuser_conninfo(), &pg.root_dir().join("agent.log"))
             .unwrap();
@@ -434,7 +439,11 @@ async fn restored_dir_passes_pg_verifybackup_and_amcheck() {
 /// Backup, one time target and `latest` on a store other than file://; wal-fetch in
 /// restore_command reaches it through the --repo-option flags.
 async fn round_trip(target: StoreTarget) {
-    let src = Source::start(target, &[]);
+    round_trip_with(target, &[]).await
+}
+
+async fn round_trip_with(target: StoreTarget, init_flags: &[&str]) {
+    let src = Source::start_with(target, &[], init_flags);
     let id = src.backup("round-trip");
     let mut writer = Writer::start(&src.pg, DB).unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -461,6 +470,29 @@ async fn round_trip(target: StoreTarget) {
     ];
     assert_all_distinct(&moments);
     restore_all(&src, &moments);
+}
+
+/// A repository made with a non-default zstd level and a small block size records both,
+/// and restores exactly as the default one does.
+#[tokio::test(flavor = "multi_thread")]
+async fn pitr_round_trip_with_level_and_block_size() {
+    let target = file_target().unwrap();
+    let config_path = target
+        .parsed_url()
+        .unwrap()
+        .to_file_path()
+        .unwrap()
+        .join("walferry.json");
+    // A clone keeps the repository's temp dir alive after the round trip.
+    round_trip_with(
+        target.clone(),
+        &["--compression-level", "9", "--block-size", "64"],
+    )
+    .await;
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    assert_eq!(config["compression"]["level"], 9, "{config}");
+    assert_eq!(config["block_size"], 65536, "{config}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
