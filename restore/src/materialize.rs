@@ -367,9 +367,10 @@ async fn write_file(
     stats.reused.fetch_add(kept, Ordering::Relaxed);
     file.set_len(f.size).await?;
     file.flush().await?;
+    drop(file);
     tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode & 0o7777)).await?;
     stats.files.fetch_add(1, Ordering::Relaxed);
-    syncs.add(file.into_std().await, path);
+    syncs.add(path);
     Ok(())
 }
 
@@ -482,12 +483,15 @@ impl Syncs {
         }
     }
 
-    fn add(&self, file: std::fs::File, path: PathBuf) {
+    /// By path, not by open file: thousands of files may wait here, and an fsync through
+    /// a new descriptor flushes the same data.
+    fn add(&self, path: PathBuf) {
         let slots = self.slots.clone();
         let task = async move {
             let _slot = slots.acquire_owned().await.context("sync slots closed")?;
             tokio::task::spawn_blocking(move || {
-                file.sync_all()
+                std::fs::File::open(&path)
+                    .and_then(|f| f.sync_all())
                     .with_context(|| format!("sync {}", path.display()))
             })
             .await
