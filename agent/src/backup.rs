@@ -13,9 +13,11 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::{Buf, Bytes, BytesMut};
-use futures::FutureExt;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info};
 use walferry_formats::backup::{
     new_backup_id, new_pack_key, parse_trailer, trailer_from_tail, trailer_plaintext,
@@ -41,18 +43,53 @@ pub struct BackupRequest {
     pub fast_checkpoint: bool,
     /// BASE_BACKUP's MAX_RATE, in kB/s.
     pub max_rate_kb: Option<u32>,
+    /// Read the files from this data directory (the server's, as mounted here) between
+    /// pg_backup_start and pg_backup_stop, instead of streaming them with BASE_BACKUP.
+    pub pgdata: Option<std::path::PathBuf>,
 }
 
-/// What the reader thread hands to the async side.
-enum Cut {
+/// What the reader threads hand to the async side.
+pub(crate) enum Cut {
     Entry(FileEntryDraft),
-    Block { id: BlockId, data: Bytes },
-    Wal { name: String, data: Bytes },
+    Block {
+        id: BlockId,
+        data: Bytes,
+    },
+    Wal {
+        name: String,
+        data: Bytes,
+    },
+    /// A file unchanged since the previous backup: its blocks are where that backup
+    /// stored them (`refs`, one per id that is not a zero block).
+    Reused {
+        draft: FileEntryDraft,
+        refs: Vec<BlockRef>,
+    },
 }
 
-struct FileEntryDraft {
-    entry: FileEntry,
-    ids: Vec<Option<BlockId>>,
+pub(crate) struct FileEntryDraft {
+    pub(crate) entry: FileEntry,
+    pub(crate) ids: Vec<Option<BlockId>>,
+    /// CRC-32C of the contents, for a backup_manifest walferry writes itself.
+    pub(crate) crc32c: Option<u32>,
+}
+
+/// What the server and the repository said before the files were read.
+pub(crate) struct Source {
+    pub(crate) system_id: u64,
+    pub(crate) version: Option<u32>,
+    pub(crate) size: SegmentSize,
+}
+
+/// The parts of a backup that [`commit`] turns into a manifest.
+pub(crate) struct Taken {
+    pub(crate) started_at: jiff::Timestamp,
+    pub(crate) began: Instant,
+    pub(crate) start: (Lsn, TimelineId),
+    pub(crate) end: (Lsn, TimelineId),
+    pub(crate) tablespaces: Vec<Tablespace>,
+    pub(crate) pg_manifest: Option<String>,
+    pub(crate) consumed: Consumed,
 }
 
 /// Raw archive data for the reader thread.
@@ -72,23 +109,13 @@ pub async fn take(
     req: &BackupRequest,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> anyhow::Result<BackupManifest> {
+    if let Some(pgdata) = &req.pgdata {
+        return crate::localbackup::take(units, config, conninfo, req, pgdata, progress).await;
+    }
     let began = Instant::now();
     let started_at = jiff::Timestamp::now();
-    let mut conn = ReplicationConnection::connect(conninfo)
-        .await
-        .context("connect to PostgreSQL")?;
-    let ident = conn
-        .identify_system()
-        .await
-        .context("identify the server")?;
-    let size = conn
-        .wal_segment_size()
-        .await
-        .context("read wal_segment_size")?;
-    let version = conn.server_version_num();
-    cluster::bind(units.repo(), ident.system_id, size, version)
-        .await
-        .context("check which cluster the repository belongs to")?;
+    let (mut conn, source) = connect_source(units, conninfo).await?;
+    let size = source.size;
     let known = Arc::new(
         load_known_blocks(units)
             .await
@@ -134,7 +161,7 @@ pub async fn take(
     // arrived when the socket has nothing more: one wakeup per batch, not per message.
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_len = 0usize;
-    let end = loop {
+    let end: (Lsn, TimelineId) = loop {
         let ev = match stream.next().now_or_never() {
             Some(ev) => ev,
             None => {
@@ -186,11 +213,62 @@ pub async fn take(
     reader.await.context("tar reader task")??;
     let consumed = consumer.await.context("upload task")??;
     conn.close().await;
-    let (end_lsn, end_tli) = end;
+    let taken = Taken {
+        started_at,
+        began,
+        start: (start_lsn, start_tli),
+        end,
+        tablespaces,
+        pg_manifest: pg_manifest.map(|m| String::from_utf8_lossy(&m).into_owned()),
+        consumed,
+    };
+    commit(units, config, req, &source, taken).await
+}
 
-    ensure_wal_covered(units, size, start_tli, start_lsn, end_lsn).await?;
+/// Connects for replication, identifies the server and checks that the repository
+/// belongs to its cluster.
+pub(crate) async fn connect_source(
+    units: &Units,
+    conninfo: &ConnInfo,
+) -> anyhow::Result<(ReplicationConnection, Source)> {
+    let mut conn = ReplicationConnection::connect(conninfo)
+        .await
+        .context("connect to PostgreSQL")?;
+    let ident = conn
+        .identify_system()
+        .await
+        .context("identify the server")?;
+    let size = conn
+        .wal_segment_size()
+        .await
+        .context("read wal_segment_size")?;
+    let version = conn.server_version_num();
+    cluster::bind(units.repo(), ident.system_id, size, version)
+        .await
+        .context("check which cluster the repository belongs to")?;
+    Ok((
+        conn,
+        Source {
+            system_id: ident.system_id,
+            version,
+            size,
+        },
+    ))
+}
 
-    let id = new_backup_id(started_at);
+/// Checks that the WAL is stored, then writes the manifest: the commit point.
+pub(crate) async fn commit(
+    units: &Units,
+    config: &RepoConfig,
+    req: &BackupRequest,
+    source: &Source,
+    taken: Taken,
+) -> anyhow::Result<BackupManifest> {
+    let ((start_lsn, start_tli), (end_lsn, end_tli)) = (taken.start, taken.end);
+    ensure_wal_covered(units, source.size, start_tli, start_lsn, end_lsn).await?;
+
+    let consumed = taken.consumed;
+    let id = new_backup_id(taken.started_at);
     let mut index: HashMap<BlockId, u32> = HashMap::new();
     let mut blocks: Vec<BlockRef> = Vec::new();
     let mut files = Vec::with_capacity(consumed.entries.len());
@@ -222,21 +300,21 @@ pub async fn take(
         format: MANIFEST_FORMAT,
         id: id.clone(),
         label: req.label.clone(),
-        system_identifier: ident.system_id.to_string(),
-        server_version_num: version,
+        system_identifier: source.system_id.to_string(),
+        server_version_num: source.version,
         timeline: start_tli,
         start_lsn,
         end_lsn,
         end_timeline: end_tli,
-        started_at: started_at.to_string(),
+        started_at: taken.started_at.to_string(),
         finished_at: jiff::Timestamp::now().to_string(),
         block_size: config.block_size,
-        tablespaces,
+        tablespaces: taken.tablespaces,
         files,
         blocks,
-        pg_manifest: pg_manifest.map(|m| String::from_utf8_lossy(&m).into_owned()),
+        pg_manifest: taken.pg_manifest,
         stats: BackupStats {
-            duration_ms: began.elapsed().as_millis() as u64,
+            duration_ms: taken.began.elapsed().as_millis() as u64,
             ..consumed.stats
         },
     };
@@ -526,6 +604,7 @@ fn read_one_archive(
             size: if kind == EntryKind::File { size } else { 0 },
             link,
             blocks: Vec::new(),
+            stamp: None,
         };
         // WAL shipped inside the backup goes where all WAL goes, not into blocks.
         // (archive_status markers are ordinary empty files: PostgreSQL's manifest lists them.)
@@ -566,20 +645,24 @@ fn read_one_archive(
                     .map_err(|_| anyhow!("upload side stopped"))?;
             }
         }
-        tx.blocking_send(Cut::Entry(FileEntryDraft { entry: file, ids }))
-            .map_err(|_| anyhow!("upload side stopped"))?;
+        tx.blocking_send(Cut::Entry(FileEntryDraft {
+            entry: file,
+            ids,
+            crc32c: None,
+        }))
+        .map_err(|_| anyhow!("upload side stopped"))?;
     }
     Ok(())
 }
 
-struct Consumed {
-    entries: Vec<FileEntryDraft>,
+pub(crate) struct Consumed {
+    pub(crate) entries: Vec<FileEntryDraft>,
     refs: HashMap<BlockId, BlockRef>,
     stats: BackupStats,
 }
 
 /// Seals new blocks, packs and uploads them; stores WAL found in the archive.
-async fn consume(
+pub(crate) async fn consume(
     units: Units,
     known: Arc<HashMap<BlockId, BlockRef>>,
     mut rx: mpsc::Receiver<Cut>,
@@ -589,7 +672,10 @@ async fn consume(
     let mut refs: HashMap<BlockId, BlockRef> = HashMap::new();
     let mut seen: HashSet<BlockId> = HashSet::new();
     let mut stats = BackupStats::default();
-    let mut sealing: JoinSet<anyhow::Result<(BlockId, u32, Bytes)>> = JoinSet::new();
+    // In cut order, so a file's new blocks lie side by side in its pack and a restore
+    // fetches neighbours with one range read.
+    let mut sealing: FuturesOrdered<AbortOnDropHandle<anyhow::Result<(BlockId, u32, Bytes)>>> =
+        FuturesOrdered::new();
     let max_sealing = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut packer = Packer::new(units.clone());
     let mut wal: JoinSet<anyhow::Result<()>> = JoinSet::new();
@@ -599,6 +685,18 @@ async fn consume(
             Cut::Entry(draft) => {
                 stats.bytes += draft.entry.size;
                 stats.zero_blocks += draft.ids.iter().filter(|i| i.is_none()).count() as u64;
+                entries.push(draft);
+            }
+            Cut::Reused { draft, refs: old } => {
+                stats.bytes += draft.entry.size;
+                stats.unread_bytes += draft.entry.size;
+                stats.zero_blocks += draft.ids.iter().filter(|i| i.is_none()).count() as u64;
+                for r in old {
+                    if seen.insert(r.id) {
+                        stats.reused_blocks += 1;
+                        refs.insert(r.id, r);
+                    }
+                }
                 entries.push(draft);
             }
             Cut::Block { id, data } => {
@@ -613,18 +711,20 @@ async fn consume(
                     continue;
                 }
                 while sealing.len() >= max_sealing {
-                    let (id, plain_len, sealed) =
-                        sealing.join_next().await.context("seal task")???;
+                    let Some(done) = sealing.next().await else {
+                        break;
+                    };
+                    let (id, plain_len, sealed) = done.context("seal task")??;
                     packer
                         .add(id, plain_len, sealed, &mut refs, &mut stats)
                         .await?;
                 }
                 let u = units.clone();
-                sealing.spawn(async move {
+                sealing.push_back(AbortOnDropHandle::new(tokio::spawn(async move {
                     let plain_len = data.len() as u32;
                     let sealed = u.seal(id.0, Kind::Block, data).await?;
                     Ok((id, plain_len, sealed))
-                });
+                })));
             }
             Cut::Wal { name, data } => {
                 let u = units.clone();
@@ -643,7 +743,7 @@ async fn consume(
             }
         }
     }
-    while let Some(r) = sealing.join_next().await {
+    while let Some(r) = sealing.next().await {
         let (id, plain_len, sealed) = r.context("seal task")??;
         packer
             .add(id, plain_len, sealed, &mut refs, &mut stats)

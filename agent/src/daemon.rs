@@ -37,6 +37,7 @@ pub struct FileSettings {
     pub backup_every: Option<String>,
     pub backup_cron: Option<String>,
     pub backup_jitter: Option<String>,
+    pub pgdata: Option<PathBuf>,
     pub retain_full: Option<usize>,
     pub recovery_window: Option<String>,
     pub log_format: Option<String>,
@@ -150,6 +151,8 @@ pub struct BackupJob {
     pub conninfo: ConnInfo,
     pub schedule: Schedule,
     pub jitter: Duration,
+    /// Scheduled backups read the files from here (see `backup --pgdata`).
+    pub pgdata: Option<PathBuf>,
     /// Applied after each successful backup, under the writer lease.
     pub retention: Option<RetentionPolicy>,
     pub metrics: Arc<Metrics>,
@@ -187,6 +190,7 @@ pub async fn backup_loop(job: BackupJob, shutdown: CancellationToken) {
             label: "walferry scheduled".into(),
             fast_checkpoint: true,
             max_rate_kb: None,
+            pgdata: job.pgdata.clone(),
         };
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -100,8 +100,15 @@ enum Command {
         spread_checkpoint: bool,
         /// Limit how fast the server reads and sends the data directory, e.g. 50M or
         /// 800k (bytes per second; 32k to 1G), to spare a busy server's disks.
-        #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+        #[arg(long, value_name = "RATE", value_parser = parse_rate, conflicts_with = "pgdata")]
         max_rate: Option<u32>,
+        /// Read the files from this directory, the server's data directory as mounted
+        /// here, between pg_backup_start and pg_backup_stop instead of streaming them
+        /// with BASE_BACKUP: several files are read at once, and files unchanged since the
+        /// previous backup are not read again. Needs a role that may run pg_backup_start
+        /// (superuser, or GRANT EXECUTE) and read access to the files.
+        #[arg(long, env = "WALFERRY_PGDATA", value_name = "DIR")]
+        pgdata: Option<PathBuf>,
     },
     /// archive_command-compatible: store one WAL file (segment, .partial, .history, .backup).
     ///
@@ -204,6 +211,9 @@ struct RunArgs {
     /// Delay each scheduled backup by a random amount up to this. Default: 0s.
     #[arg(long, value_name = "DURATION")]
     backup_jitter: Option<String>,
+    /// Scheduled backups read the files from this data directory (see `backup --pgdata`).
+    #[arg(long, env = "WALFERRY_PGDATA", value_name = "DIR")]
+    pgdata: Option<PathBuf>,
     /// Retention: keep this many newest backups.
     #[arg(long, env = "WALFERRY_RETAIN_FULL")]
     retain_full: Option<usize>,
@@ -296,6 +306,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             label,
             spread_checkpoint,
             max_rate,
+            pgdata,
         } => {
             let conninfo = ConnInfo::parse(&pg).map_err(|e| UsageError(format!("--pg: {e}")))?;
             let master = load_master_key(&key)?;
@@ -309,6 +320,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 label,
                 fast_checkpoint: !spread_checkpoint,
                 max_rate_kb: max_rate,
+                pgdata,
             };
             let progress = Progress::new();
             let m = walferry_agent::backup::take_leased(&units, &config, &conninfo, &req, "backup", &|b| {
@@ -325,7 +337,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let secs = m.stats.duration_ms as f64 / 1000.0;
             let total_blocks = m.stats.new_blocks + m.stats.reused_blocks;
             eprintln!(
-                "backup {} done: {:.1} MB of data in {secs:.1}s ({:.0} MB/s); uploaded {:.1} MB in {} new blocks, reused {} of {} blocks ({:.0}% dedup), {} zero blocks; WAL {}..{} on timeline {}",
+                "backup {} done: {:.1} MB of data in {secs:.1}s ({:.0} MB/s); uploaded {:.1} MB in {} new blocks, reused {} of {} blocks ({:.0}% dedup), {} zero blocks{}; WAL {}..{} on timeline {}",
                 m.id,
                 m.stats.bytes as f64 / 1e6,
                 m.stats.bytes as f64 / 1e6 / secs.max(0.001),
@@ -335,6 +347,14 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 total_blocks,
                 if total_blocks == 0 { 0.0 } else { 100.0 * m.stats.reused_blocks as f64 / total_blocks as f64 },
                 m.stats.zero_blocks,
+                if m.stats.unread_bytes > 0 {
+                    format!(
+                        "; {:.1} MB in files unchanged since the previous backup not read again",
+                        m.stats.unread_bytes as f64 / 1e6
+                    )
+                } else {
+                    String::new()
+                },
                 m.start_lsn,
                 m.end_lsn,
                 m.timeline
@@ -521,6 +541,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 conninfo: conninfo.clone(),
                 schedule,
                 jitter,
+                pgdata: args.pgdata.clone().or(file.pgdata.clone()),
                 retention,
                 metrics: metrics.clone(),
                 after: refresh.clone(),

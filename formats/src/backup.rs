@@ -92,6 +92,22 @@ pub struct FileEntry {
     /// Indexes into [`BackupManifest::blocks`], one per block of `block_size`, or [`ZERO_BLOCK`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<u32>,
+    /// Set by backups that read the data directory directly, for files that had been
+    /// quiet for a while when read: the next backup skips reading a file whose stamp
+    /// still matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<FileStamp>,
+}
+
+/// What identifies a file's contents without reading it. A write always moves ctime,
+/// which no user call can set back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub ino: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    /// CRC-32C of the contents, for PostgreSQL's backup_manifest.
+    pub crc32c: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,7 +126,14 @@ pub struct BackupStats {
     /// Blocks found already stored and referenced instead.
     pub reused_blocks: u64,
     pub zero_blocks: u64,
+    /// Bytes of files not read again because they were unchanged since the previous backup.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unread_bytes: u64,
     pub duration_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,6 +286,12 @@ mod tests {
                 size: 10000,
                 link: None,
                 blocks: vec![0, ZERO_BLOCK],
+                stamp: Some(FileStamp {
+                    ino: 5,
+                    mtime_ns: 1,
+                    ctime_ns: 2,
+                    crc32c: 3,
+                }),
             }],
             blocks: vec![BlockRef {
                 id: BlockId([7; 32]),

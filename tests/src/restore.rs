@@ -118,6 +118,34 @@ impl RestoreRepo {
 
     /// `walferry-agent backup`; returns the backup id it prints.
     pub fn backup(&self, conninfo: &str, label: &str) -> Result<String> {
+        Ok(self.backup_with(conninfo, label, &[])?.0)
+    }
+
+    /// `walferry-agent backup ... EXTRA`; returns the backup id and what it logged.
+    pub fn backup_with(
+        &self,
+        conninfo: &str,
+        label: &str,
+        extra: &[String],
+    ) -> Result<(String, String)> {
+        let (st, out, err) = self.run_backup(conninfo, label, extra)?;
+        if !st.success() {
+            bail!("backup failed ({st}):\n{out}\n{err}");
+        }
+        let id = out.trim().to_string();
+        if id.is_empty() || id.contains(char::is_whitespace) {
+            bail!("backup printed {out:?}, not a backup id; stderr:\n{err}");
+        }
+        Ok((id, err))
+    }
+
+    /// `walferry-agent backup ... EXTRA`, whatever its outcome: (status, stdout, stderr).
+    pub fn run_backup(
+        &self,
+        conninfo: &str,
+        label: &str,
+        extra: &[String],
+    ) -> Result<(std::process::ExitStatus, String, String)> {
         let mut args = vec!["backup".to_string()];
         args.extend(self.args());
         args.extend([
@@ -126,15 +154,8 @@ impl RestoreRepo {
             "--label".into(),
             label.to_string(),
         ]);
-        let (st, out, err) = run_walferry("walferry-agent", &args, &[])?;
-        if !st.success() {
-            bail!("backup failed ({st}):\n{out}\n{err}");
-        }
-        let id = out.trim().to_string();
-        if id.is_empty() || id.contains(char::is_whitespace) {
-            bail!("backup printed {out:?}, not a backup id; stderr:\n{err}");
-        }
-        Ok(id)
+        args.extend(extra.iter().cloned());
+        run_walferry("walferry-agent", &args, &[])
     }
 
     /// `walferry-restore ARGS` with this repository's `--repo ... --key-file ...` first.

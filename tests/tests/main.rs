@@ -15,6 +15,7 @@ mod cli;
 mod conformance;
 mod daemon;
 mod deploy;
+mod local_backup;
 mod pitr;
 mod replication;
 mod restore_errors;

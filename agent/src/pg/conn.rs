@@ -391,10 +391,11 @@ async fn resolve_password(info: &ConnInfo, host: &Host) -> Option<Password> {
         return Some(p.clone());
     }
     let path = info.passfile.clone()?;
-    let db = info
-        .dbname
-        .clone()
-        .unwrap_or_else(|| "replication".to_owned());
+    let db = match (&info.dbname, info.replication) {
+        (Some(d), _) => d.clone(),
+        (None, true) => "replication".to_owned(),
+        (None, false) => info.user.clone(),
+    };
     let (host, user) = (host.clone(), info.user.clone());
     let shown = path.display().to_string();
     match tokio::task::spawn_blocking(move || pgpass::lookup(&path, &host, &db, &user)).await {
@@ -532,9 +533,15 @@ impl ReplicationConnection {
             .application_name
             .as_deref()
             .unwrap_or(&info.fallback_application_name);
+        // A walsender for replication; otherwise an SQL session in dbname (user's by default).
+        let session = if info.replication {
+            ("replication", "true")
+        } else {
+            ("database", info.dbname.as_deref().unwrap_or(&info.user))
+        };
         let params: [(&str, &str); 4] = [
             ("user", &info.user),
-            ("replication", "true"),
+            session,
             ("application_name", app),
             ("client_encoding", "UTF8"),
         ];

@@ -190,6 +190,9 @@ pub struct ConnInfo {
     pub passfile: Option<PathBuf>,
     /// `application_name` sent when none is set.
     pub fallback_application_name: String,
+    /// A physical-replication walsender (the default), or an ordinary SQL session in
+    /// `dbname` (for pg_backup_start/stop). See [`ConnInfo::sql_session`].
+    pub replication: bool,
 }
 
 /// The keys this parser understands (libpq names).
@@ -309,7 +312,16 @@ impl ConnInfo {
             target_session_attrs,
             passfile,
             fallback_application_name,
+            replication: true,
         })
+    }
+
+    /// The same server and credentials, as an ordinary SQL session (not a walsender).
+    pub fn sql_session(&self) -> ConnInfo {
+        ConnInfo {
+            replication: false,
+            ..self.clone()
+        }
     }
 }
 

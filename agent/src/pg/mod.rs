@@ -23,6 +23,7 @@ mod conn;
 mod conninfo;
 mod error;
 mod io;
+mod lowlevel;
 mod pgpass;
 mod replication;
 mod tls;
@@ -37,6 +38,7 @@ pub use conninfo::{
     DEFAULT_PORT,
 };
 pub use error::{HostAttempt, PgError, Result, ServerError};
+pub use lowlevel::BackupStop;
 pub use replication::{
     parse_size_setting, validate_slot_name, CreateSlotOutcome, ReplicationEvent, ReplicationStream,
     SlotInfo, SystemIdentity, TimelineHistoryFile,
