@@ -10,7 +10,8 @@
 #            e-mails, word salad) that compresses ~2.9x with zstd -3, like real data
 # it measures, interleaving the tools run by run (A B C A B C), after a CHECKPOINT and
 # once WAL archiving and streaming have caught up:
-#   1. full backup wall time: walferry (fresh repository each run) vs pgBackRest
+#   1. full backup wall time: walferry (fresh repository each run; BASE_BACKUP, and
+#      --pgdata reading the data directory directly) vs pgBackRest
 #      (--type=full) vs pg_basebackup -Ft --checkpoint=fast server-zstd:level=3,workers=2
 #   2. a second backup after a change, walferry vs pgBackRest --type=incr:
 #        clustered 5%: UPDATE of the first 5% of the main table's rows (5% of its pages,
@@ -289,13 +290,13 @@ heap_ratio() {
 }
 
 # ---- one measurement each ------------------------------------------------------------
-# walferry backup into REPO; sets SECS, UP_MB (uploaded), RSS_MB
-wf_backup() { # REPO
+# walferry backup into REPO (EXTRA: e.g. --pgdata DIR); sets SECS, UP_MB (uploaded), RSS_MB
+wf_backup() { # REPO [EXTRA...]
   drop_caches
   local t0 t1 id
   t0=$(now)
   /usr/bin/time -v -o "$D/time.out" "$WF_AGENT" backup --repo "$1" --key-file "$WF_KEY" \
-    --pg "host=$SOCK port=$PORT user=postgres dbname=postgres" >"$D/wf-backup.out" 2>"$D/wf-backup.err" ||
+    --pg "host=$SOCK port=$PORT user=postgres dbname=postgres" "${@:2}" >"$D/wf-backup.out" 2>"$D/wf-backup.err" ||
     { cat "$D/wf-backup.err" >&2; die "walferry backup failed"; }
   t1=$(now)
   SECS=$(sub "$t0" "$t1")
@@ -398,7 +399,7 @@ run_dataset() { # NAME
   log "$name: data dir $data_mb MB (without pg_wal), $MAIN_TABLE $table_mb MB with indexes, heap zstd -3 ratio ${ratio}x"
 
   # 1. full backups, interleaved
-  local r wf_t=() wf_up=() wf_rss=() br_t=() br_up=() br_rss=() bb_t=() bb_up=() w3_t=() w3_up=()
+  local r wf_t=() wf_up=() wf_rss=() br_t=() br_up=() br_rss=() bb_t=() bb_up=() w3_t=() w3_up=() wl_t=() wl_up=()
   for r in $(seq 1 "$RUNS"); do
     local repo=$WF_REPO
     if [ "$r" -gt 1 ]; then # a fresh repository: a real full backup, no dedup against run 1
@@ -418,6 +419,16 @@ run_dataset() { # NAME
     w3_t+=("$SECS") w3_up+=("$UP_MB") wf_rss+=("$RSS_MB")
     log "full run $r: walferry at zstd 3 $SECS s ($UP_MB MB uploaded, RSS $RSS_MB MB)"
     rm -rf "${repo#file://}"
+    # Reading the data directory directly (--pgdata); run 1's repository is kept as the
+    # base of the --pgdata second backups below. No streamer: WAL comes from pg_wal.
+    repo=file://$D/wf-local
+    [ "$r" -gt 1 ] && repo=file://$D/wf-local-scratch
+    "$WF_AGENT" init --repo "$repo" --key-file "$WF_KEY" >/dev/null
+    settle
+    wf_backup "$repo" --pgdata "$PGDATA"
+    wl_t+=("$SECS") wl_up+=("$UP_MB") wf_rss+=("$RSS_MB")
+    log "full run $r: walferry --pgdata $SECS s ($UP_MB MB uploaded, RSS $RSS_MB MB)"
+    [ "$r" -gt 1 ] && rm -rf "${repo#file://}"
     settle
     pgbr_backup full
     br_t+=("$SECS") br_up+=("$UP_MB") br_rss+=("$RSS_MB")
@@ -430,6 +441,8 @@ run_dataset() { # NAME
   local wf_full br_full bb_full wf_full_up
   wf_full=$(median "${wf_t[@]}") br_full=$(median "${br_t[@]}") bb_full=$(median "${bb_t[@]}")
   wf_full_up=$(median "${wf_up[@]}")
+  local wl_full wl_full_up
+  wl_full=$(median "${wl_t[@]}") wl_full_up=$(median "${wl_up[@]}")
 
   # 2. second backups after a change (walferry's previous backup: run 1, in $WF_REPO)
   local -a inc_rows=()
@@ -473,10 +486,15 @@ run_dataset() { # NAME
     wf_backup "$WF_REPO"
     local w_t=$SECS w_up=$UP_MB w_rss=$RSS_MB
     wf_rss+=("$RSS_MB")
+    settle
+    wf_backup "file://$D/wf-local" --pgdata "$PGDATA"
+    local l_t=$SECS l_up=$UP_MB
+    wf_rss+=("$RSS_MB")
+    settle
     pgbr_backup incr
     local b_t=$SECS b_up=$UP_MB
-    log "$scen: walferry $w_t s, $w_up MB uploaded; pgBackRest incr $b_t s, $b_up MB"
-    inc_rows+=("| $change | $w_t s | $w_up MB | $(calc "100 * $w_up / $wf_full_up" 1)% | $(calc "100 * $w_t / $wf_full" 0)% | $b_t s | $b_up MB | $(calc "$w_t / $b_t") |")
+    log "$scen: walferry $w_t s, $w_up MB uploaded; walferry --pgdata $l_t s, $l_up MB; pgBackRest incr $b_t s, $b_up MB"
+    inc_rows+=("| $change | $w_t s | $w_up MB | $(calc "100 * $w_up / $wf_full_up" 1)% | $(calc "100 * $w_t / $wf_full" 0)% | $l_t s | $(calc "100 * $l_up / $wl_full_up" 1)% | $(calc "100 * $l_t / $wl_full" 0)% | $b_t s | $b_up MB | $(calc "$w_t / $b_t") / $(calc "$l_t / $b_t") |")
   done
 
   # 3. restores, interleaved
@@ -513,7 +531,7 @@ run_dataset() { # NAME
     echo
     echo "### $name: $data_mb MB data directory (without pg_wal); $MAIN_TABLE $table_mb MB with indexes, $rows rows; heap compresses ${ratio}x with zstd -3"
     echo
-    echo "Full backup (median of $RUNS; runs: walferry ${wf_t[*]} s, walferry at zstd 3 ${w3_t[*]} s, pgBackRest ${br_t[*]} s, pg_basebackup ${bb_t[*]} s)"
+    echo "Full backup (median of $RUNS; runs: walferry ${wf_t[*]} s, walferry at zstd 3 ${w3_t[*]} s, walferry --pgdata ${wl_t[*]} s, pgBackRest ${br_t[*]} s, pg_basebackup ${bb_t[*]} s)"
     echo
     echo "| tool | wall time | stored | walferry / tool | walferry at zstd 3 / tool |"
     echo "|---|---|---|---|---|"
@@ -521,13 +539,16 @@ run_dataset() { # NAME
     w3_full=$(median "${w3_t[@]}")
     echo "| walferry (default zstd level $WF_LEVEL) | $wf_full s | $wf_full_up MB | 1.00 | $(calc "$w3_full / $wf_full") |"
     echo "| walferry, repository at zstd 3 (the peers' level) | $w3_full s | $(median "${w3_up[@]}") MB | $(calc "$wf_full / $w3_full") | 1.00 |"
+    echo "| walferry --pgdata (reads the data directory; default level) | $wl_full s | $wl_full_up MB | $(calc "$wf_full / $wl_full") | $(calc "$w3_full / $wl_full") |"
     echo "| pgBackRest 2.45 (zst 3, process-max 2, aes-256-cbc) | $br_full s | $(median "${br_up[@]}") MB | $(calc "$wf_full / $br_full") | $(calc "$w3_full / $br_full") |"
     echo "| pg_basebackup -Ft server-zstd:level=3,workers=2 | $bb_full s | $(median "${bb_up[@]}") MB | $(calc "$wf_full / $bb_full") | $(calc "$w3_full / $bb_full") |"
     echo
+    echo "walferry --pgdata / pgBackRest: $(calc "$wl_full / $br_full"); walferry --pgdata / pg_basebackup: $(calc "$wl_full / $bb_full")"
+    echo
     echo "Second backup after a change (walferry: vs its full backup; pgBackRest: --type=incr)"
     echo
-    echo "| change | walferry time | walferry uploaded | uploaded / full | time / full | pgBackRest incr time | pgBackRest incr stored | walferry / pgBackRest time |"
-    echo "|---|---|---|---|---|---|---|---|"
+    echo "| change | walferry time | walferry uploaded | uploaded / full | time / full | --pgdata time | --pgdata uploaded / its full | --pgdata time / its full | pgBackRest incr time | pgBackRest incr stored | walferry / pgBackRest time (BASE_BACKUP / --pgdata) |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${inc_rows[@]}"
     echo
     echo "Restore to a running, promoted cluster (median of $RUNS; runs: walferry ${wr_t[*]} s, pgBackRest ${pr_t[*]} s)"

@@ -5,7 +5,7 @@
 //! exist, a half-restored directory cannot be mistaken for a cluster and started.
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use walferry_formats::backup::{BackupManifest, EntryKind, FileEntry, ZERO_BLOCK};
 use walferry_formats::Units;
 
@@ -340,35 +340,51 @@ async fn write_file(
             .await
             .with_context(|| format!("create directory {}", parent.display()))?;
     }
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(!opts.delta)
-        .open(&path)
+    let file = {
+        let (path, delta) = (path.clone(), opts.delta);
+        tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(!delta)
+                .open(&path)
+                .with_context(|| format!("create {}", path.display()))
+        })
         .await
-        .with_context(|| format!("create {}", path.display()))?;
+        .context("file task")??
+    };
+    let file = Arc::new(file);
+    // Each run is fetched, decoded on the pool and written at its own offsets
+    // (positional writes on the blocking pool), so runs finish in any order.
     let runs = runs(manifest, &plan);
-    let fetches = runs
-        .iter()
-        .map(|run| fetch_run(units, manifest, f, run, stats));
-    let mut fetched = futures::stream::iter(fetches).buffered(RUNS_IN_FLIGHT);
-    while let Some(next) = fetched.next().await {
-        for (offset, data) in next? {
-            file.seek(std::io::SeekFrom::Start(offset)).await?;
-            file.write_all(&data)
-                .await
-                .with_context(|| format!("write {}", path.display()))?;
-            stats
-                .written
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-    }
+    futures::stream::iter(runs.iter())
+        .map(|run| {
+            let (file, path) = (file.clone(), path.clone());
+            async move {
+                let blocks = fetch_run(units, manifest, f, run, stats).await?;
+                let n = write_blocks(file, path, blocks).await?;
+                stats.written.fetch_add(n, Ordering::Relaxed);
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .buffer_unordered(RUNS_IN_FLIGHT)
+        .try_collect::<()>()
+        .await?;
     let kept = plan.iter().filter(|p| p.2).count() as u64;
     stats.reused.fetch_add(kept, Ordering::Relaxed);
-    file.set_len(f.size).await?;
-    file.flush().await?;
-    drop(file);
-    tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode & 0o7777)).await?;
+    let (size, mode) = (f.size, f.mode & 0o7777);
+    {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            file.set_len(size)
+                .and_then(|()| {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                })
+                .with_context(|| format!("finish {}", path.display()))
+        })
+        .await
+        .context("file task")??;
+    }
     stats.files.fetch_add(1, Ordering::Relaxed);
     syncs.add(path);
     Ok(())
@@ -381,10 +397,29 @@ struct Run {
     blocks: Vec<(u64, u32)>,
 }
 
+/// Writes one decoded run at its offsets; returns the bytes written.
+async fn write_blocks(
+    file: Arc<std::fs::File>,
+    path: PathBuf,
+    blocks: Vec<(u64, Bytes)>,
+) -> anyhow::Result<u64> {
+    tokio::task::spawn_blocking(move || {
+        let mut n = 0;
+        for (offset, data) in &blocks {
+            file.write_all_at(data, *offset)
+                .with_context(|| format!("write {}", path.display()))?;
+            n += data.len() as u64;
+        }
+        Ok(n)
+    })
+    .await
+    .context("write task")?
+}
+
 /// Blocks that go in one run, at most (bounds memory: runs in flight x this x block size).
 const RUN_BLOCKS: usize = 8;
-/// Runs fetched ahead per file.
-const RUNS_IN_FLIGHT: usize = 2;
+/// Runs in flight per file (fetched, decoding or being written).
+const RUNS_IN_FLIGHT: usize = 3;
 
 /// Groups the blocks to write into runs that one range read can fetch.
 fn runs(manifest: &BackupManifest, plan: &[(u64, u32, bool)]) -> Vec<Run> {
