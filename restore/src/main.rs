@@ -450,8 +450,13 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<Outcome> {
             .transpose()
             .context("resolve --key-file")?,
     };
-    recovery::write_settings(&pgdata, &plan, &fetch, &pg_options)
+    let was_standby = recovery::write_settings(&pgdata, &plan, &fetch, &pg_options)
         .context("write the recovery settings")?;
+    if was_standby {
+        println!(
+            "the backup was taken on a standby: removed its standby.signal, so the restored cluster promotes at the target instead of following the old primary"
+        );
+    }
     if fetch.key_file.is_none() && std::env::var_os("WALFERRY_KEY").is_some() {
         eprintln!("note: restore_command has no --key-file; the server needs WALFERRY_KEY in its environment");
     }

@@ -49,12 +49,13 @@ impl FetchCommand {
 }
 
 /// Writes `recovery.signal` and appends the recovery settings to `postgresql.auto.conf`.
+/// Returns true when it removed a `standby.signal` the backup carried.
 pub fn write_settings(
     pgdata: &Path,
     plan: &Plan,
     fetch: &FetchCommand,
     extra: &[(String, String)],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let mut s = format!(
         "\n# Added by walferry-restore: backup {}, target {}\nrestore_command = {}\nrecovery_target_action = 'promote'\nrecovery_target_timeline = '{}'\n",
         plan.backup_id,
@@ -62,6 +63,9 @@ pub fn write_settings(
         conf_quote(&fetch.restore_command()),
         plan.timeline.0
     );
+    // Targets the source's own settings may name would clash with ours ("multiple
+    // recovery targets specified"); a later line wins.
+    s.push_str("recovery_target = ''\nrecovery_target_time = ''\nrecovery_target_lsn = ''\nrecovery_target_xid = ''\nrecovery_target_name = ''\n");
     match &plan.target {
         Target::Time(t) => s.push_str(&format!(
             "recovery_target_time = '{}'\n",
@@ -80,7 +84,15 @@ pub fn write_settings(
     text.push_str(&s);
     std::fs::write(&auto, text).with_context(|| format!("write {}", auto.display()))?;
     std::fs::write(pgdata.join("recovery.signal"), b"").context("write recovery.signal")?;
-    Ok(())
+    // A backup taken on a standby carries its standby.signal: left in place, the restored
+    // server would start as a standby of the source's primary_conninfo, follow that
+    // primary past the stored WAL and, with `latest`, never promote.
+    let standby = pgdata.join("standby.signal");
+    match std::fs::remove_file(&standby) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("remove {}", standby.display())),
+    }
 }
 
 /// Where the PostgreSQL server binaries are.

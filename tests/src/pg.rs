@@ -177,6 +177,43 @@ impl PgCluster {
     }
 
     fn create(opts: PgClusterBuilder) -> Result<PgCluster> {
+        let cluster = Self::prepare()?;
+        cluster.initdb(&opts)?;
+        cluster.write_config(&opts)?;
+        cluster.start_server()?;
+        cluster.create_roles()?;
+        Ok(cluster)
+    }
+
+    /// A hot standby of `primary`, streaming from it: pg_basebackup -R of the primary,
+    /// with its own port and socket directory, started. It keeps the primary's settings
+    /// and roles.
+    pub fn standby_of(primary: &PgCluster) -> Result<PgCluster> {
+        let cluster = Self::prepare()?;
+        let mut cmd = cluster.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(&cluster.data)
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
+            .arg("-h")
+            .arg(&primary.sock)
+            .args(["-p", &primary.port().to_string(), "-U", SUPERUSER]);
+        run_checked(&mut cmd).context("pg_basebackup for a standby")?;
+        // The primary's postgresql.conf names its socket directory; a later line wins.
+        let conf_path = cluster.data.join("postgresql.conf");
+        let mut conf = std::fs::read_to_string(&conf_path).context("read postgresql.conf")?;
+        writeln!(
+            conf,
+            "unix_socket_directories = {}",
+            quote_conf(&cluster.sock.to_string_lossy())
+        )?;
+        std::fs::write(&conf_path, conf).context("write postgresql.conf")?;
+        cluster.write_port_file()?;
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    /// The directories and the watchdog of a cluster not made yet.
+    fn prepare() -> Result<PgCluster> {
         let bin = pg_bin_dir()?;
         let as_root = running_as_root();
         let parent = std::env::var_os(TMPDIR_ENV)
@@ -225,10 +262,6 @@ impl PgCluster {
             }
         }
         cluster.spawn_watchdog();
-        cluster.initdb(&opts)?;
-        cluster.write_config(&opts)?;
-        cluster.start_server()?;
-        cluster.create_roles()?;
         Ok(cluster)
     }
 

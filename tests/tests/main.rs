@@ -20,6 +20,7 @@ mod pitr;
 mod replication;
 mod restore_errors;
 mod retention;
+mod standby;
 mod streaming;
 mod streaming_more;
 mod testkit;
