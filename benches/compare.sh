@@ -14,6 +14,8 @@
 #      --pgdata reading the data directory directly) vs pgBackRest
 #      (--type=full) vs pg_basebackup -Ft --checkpoint=fast server-zstd:level=3,workers=2
 #   2. a second backup after a change, walferry vs pgBackRest --type=incr:
+#        small 2.5%:   UPDATE of 2.5% of the main table's rows, contiguous (about 5% of its
+#                      pages: the old versions' and as many new ones at the end)
 #        clustered 5%: UPDATE of the first 5% of the main table's rows (5% of its pages,
 #                      contiguous, as a hot set of recent rows is)
 #        scattered 5%: UPDATE of every row on every 20th heap page (5% of the pages,
@@ -465,9 +467,19 @@ run_dataset() { # NAME
   n_rows=$rows
   sql "create extension if not exists pageinspect" >/dev/null
   local before touched
-  for scen in clustered scattered pgbench; do
+  for scen in small clustered scattered pgbench; do
     before=$(sql "select pg_current_wal_lsn()")
     case $scen in
+      small)
+        # Half as many rows, in the next 2.5% of the keys: about 5% of the pages (the old
+        # versions' pages, and as many again at the end of the table for the new ones).
+        change="UPDATE of 2.5% of rows ($MAIN_KEY $((n_rows / 20 + 1))..$((n_rows / 20 + n_rows / 40)))"
+        if [ "$MAIN_TABLE" = pgbench_accounts ]; then
+          sql "update pgbench_accounts set abalance = abalance + 1 where aid between $((n_rows / 20 + 1)) and $((n_rows / 20 + n_rows / 40))" >/dev/null
+        else
+          sql "update mixed set qty = qty + 1 where id between $((n_rows / 20 + 1)) and $((n_rows / 20 + n_rows / 40))" >/dev/null
+        fi
+        ;;
       clustered)
         change="UPDATE of the first 5% of rows ($MAIN_KEY <= $((n_rows / 20)))"
         if [ "$MAIN_TABLE" = pgbench_accounts ]; then
