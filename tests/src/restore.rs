@@ -502,6 +502,22 @@ pub fn wait_durable(pg: &PgCluster, lsn: &str, timeout: Duration) -> Result<()> 
     }
 }
 
+/// A moment to restore to, with writes going on around it: pauses `writer`, dumps `db`,
+/// reads the server's `now()`, resumes. No commit falls between the dump and the time,
+/// so the dump is exactly the state at that time.
+pub fn time_moment(pg: &PgCluster, db: &str, writer: &mut Writer) -> Result<(DataDump, String)> {
+    writer.pause()?;
+    let dump = DataDump::take(pg.command("pg_dump"), db)?;
+    let t = server_now(pg)?;
+    writer.resume();
+    Ok((dump, t))
+}
+
+/// Command-line arguments from string slices.
+pub fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
 /// The server's clock right now, in the form `--to` takes (UTC, microseconds).
 pub fn server_now(pg: &PgCluster) -> Result<String> {
     pg.psql(

@@ -9,14 +9,11 @@ use walferry_tests::bins::run_walferry;
 use walferry_tests::emulators::file_target;
 use walferry_tests::pg::{give_to_postgres, PgCluster};
 use walferry_tests::restore::{
-    server_now, wait_durable, DataDump, RestoreRepo, RestoredCluster, Writer, WRITER_SCHEMA,
+    strings, time_moment, wait_durable, DataDump, RestoreRepo, RestoredCluster, Writer,
+    WRITER_SCHEMA,
 };
 
 const DB: &str = "db";
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
 
 fn backups_listed(repo: &RestoreRepo) -> usize {
     let mut args = vec!["list".to_string()];
@@ -147,10 +144,7 @@ async fn local_backups_restore_exactly_and_skip_unchanged_files() {
         "backup 2 read the untouched table `big` ({big_mb:.1} MB) again: {log2}"
     );
     std::thread::sleep(Duration::from_millis(500));
-    writer.pause().unwrap();
-    let dump2 = DataDump::take(pg.command("pg_dump"), DB).unwrap();
-    let t2 = server_now(&pg).unwrap();
-    writer.resume();
+    let (dump2, t2) = time_moment(&pg, DB, &mut writer).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     writer.stop().unwrap();
     let lsn = pg.psql("postgres", "select pg_current_wal_lsn()").unwrap();

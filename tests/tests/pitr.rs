@@ -11,15 +11,11 @@ use walferry_tests::bins::AgentProcess;
 use walferry_tests::emulators::{azurite_target, file_target, s3_target, StoreTarget};
 use walferry_tests::pg::PgCluster;
 use walferry_tests::restore::{
-    server_now, wait_durable, DataDump, RestoreRepo, RestoreRun, RestoredCluster, Writer,
+    strings, time_moment, wait_durable, DataDump, RestoreRepo, RestoreRun, RestoredCluster, Writer,
     WRITER_SCHEMA,
 };
 
 const DB: &str = "db";
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
 
 /// A source cluster with `db` holding the writer's tables, and an agent streaming it.
 struct Source {
@@ -70,14 +66,9 @@ impl Source {
             .unwrap_or_else(|e| panic!("{e:#}\nagent log:\n{}", self.agent.log()));
     }
 
-    /// Pauses the writer, dumps, captures the server's `now()`, resumes: no commit falls
-    /// between the dump and the time, so the dump is exactly the state at that time.
+    /// See [`time_moment`].
     fn time_moment(&self, writer: &mut Writer) -> (DataDump, String) {
-        writer.pause().unwrap();
-        let dump = self.dump();
-        let t = server_now(&self.pg).unwrap();
-        writer.resume();
-        (dump, t)
+        time_moment(&self.pg, DB, writer).unwrap()
     }
 }
 

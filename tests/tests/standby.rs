@@ -6,14 +6,11 @@ use std::time::{Duration, Instant};
 use walferry_tests::emulators::file_target;
 use walferry_tests::pg::PgCluster;
 use walferry_tests::restore::{
-    server_now, wait_durable, DataDump, RestoreRepo, RestoredCluster, Writer, WRITER_SCHEMA,
+    strings, time_moment, wait_durable, DataDump, RestoreRepo, RestoredCluster, Writer,
+    WRITER_SCHEMA,
 };
 
 const DB: &str = "db";
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
 
 /// Waits until `standby` has replayed the primary's WAL up to `lsn`.
 fn wait_replayed(standby: &PgCluster, lsn: &str) {
@@ -75,10 +72,7 @@ async fn backup_from_a_standby_restores_exactly() {
         .backup_with(&conninfo, "from-standby", &[])
         .unwrap_or_else(|e| panic!("{e:#}\nagent log:\n{}", agent.log()));
     std::thread::sleep(Duration::from_millis(800));
-    writer.pause().unwrap();
-    let dump_t = DataDump::take(primary.command("pg_dump"), DB).unwrap();
-    let t = server_now(&primary).unwrap();
-    writer.resume();
+    let (dump_t, t) = time_moment(&primary, DB, &mut writer).unwrap();
     std::thread::sleep(Duration::from_millis(800));
     writer.stop().unwrap();
     let dump_end = DataDump::take(primary.command("pg_dump"), DB).unwrap();
