@@ -246,6 +246,7 @@ load_pgbench() {
   as_pg "$BIN/pgbench" -i -q -s "$SCALE" -h "$SOCK" -p "$PORT" postgres >"$D/pgbench-init.log" 2>&1
   MAIN_TABLE=pgbench_accounts
   MAIN_KEY=aid
+  MAIN_BUMP=abalance
 }
 load_mixed() {
   log "mixed table: $MIXED_ROWS rows (2 sessions)"
@@ -280,6 +281,7 @@ load_mixed() {
   sql "alter table mixed add primary key (id)"
   MAIN_TABLE=mixed
   MAIN_KEY=id
+  MAIN_BUMP=qty
 }
 
 # zstd -3 ratio of the main table's heap (all its segment files).
@@ -350,6 +352,11 @@ pages_touched() { # LSN
              where oid = '$MAIN_TABLE'::regclass
                 or oid in (select indexrelid from pg_index where indrelid = '$MAIN_TABLE'::regclass)) c,
             generate_series(0, c.s / 8192 - 1) as b"
+}
+
+# UPDATE the main table's rows matching WHERE (one integer column + 1).
+bump_rows() { # WHERE
+  sql "update $MAIN_TABLE set $MAIN_BUMP = $MAIN_BUMP + 1 where $1" >/dev/null
 }
 
 median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -474,27 +481,15 @@ run_dataset() { # NAME
         # Half as many rows, in the next 2.5% of the keys: about 5% of the pages (the old
         # versions' pages, and as many again at the end of the table for the new ones).
         change="UPDATE of 2.5% of rows ($MAIN_KEY $((n_rows / 20 + 1))..$((n_rows / 20 + n_rows / 40)))"
-        if [ "$MAIN_TABLE" = pgbench_accounts ]; then
-          sql "update pgbench_accounts set abalance = abalance + 1 where aid between $((n_rows / 20 + 1)) and $((n_rows / 20 + n_rows / 40))" >/dev/null
-        else
-          sql "update mixed set qty = qty + 1 where id between $((n_rows / 20 + 1)) and $((n_rows / 20 + n_rows / 40))" >/dev/null
-        fi
+        bump_rows "$MAIN_KEY between $((n_rows / 20 + 1)) and $((n_rows / 20 + n_rows / 40))"
         ;;
       clustered)
         change="UPDATE of the first 5% of rows ($MAIN_KEY <= $((n_rows / 20)))"
-        if [ "$MAIN_TABLE" = pgbench_accounts ]; then
-          sql "update pgbench_accounts set abalance = abalance + 1 where aid <= $((n_rows / 20))" >/dev/null
-        else
-          sql "update mixed set qty = qty + 1 where id <= $((n_rows / 20))" >/dev/null
-        fi
+        bump_rows "$MAIN_KEY <= $((n_rows / 20))"
         ;;
       scattered)
         change="UPDATE of every row on every 20th heap page"
-        if [ "$MAIN_TABLE" = pgbench_accounts ]; then
-          sql "update pgbench_accounts set abalance = abalance + 1 where ((ctid::text::point)[0])::bigint % 20 = 10" >/dev/null
-        else
-          sql "update mixed set qty = qty + 1 where ((ctid::text::point)[0])::bigint % 20 = 10" >/dev/null
-        fi
+        bump_rows "((ctid::text::point)[0])::bigint % 20 = 10"
         ;;
       pgbench)
         sql "checkpoint" >/dev/null
