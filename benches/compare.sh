@@ -532,7 +532,7 @@ run_dataset() { # NAME
   sql "vacuum" >/dev/null
   settle
   expect=$(sql "select count(*) from $MAIN_TABLE")
-  # One untimed restore per tool first: on these virtual disks the first large write after
+  # One untimed restore per tool first: on these virtual machines the first large write after
   # the backups is much slower (8 s against 3 s for the same restore), whichever tool
   # makes it, and it would land in one tool's figures only.
   wf_restore
