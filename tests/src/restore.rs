@@ -513,6 +513,15 @@ pub fn time_moment(pg: &PgCluster, db: &str, writer: &mut Writer) -> Result<(Dat
     Ok((dump, t))
 }
 
+/// Polls `f` every 100 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Command-line arguments from string slices.
 pub fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()

@@ -1,12 +1,12 @@
 //! Backups taken from a hot standby, with the agent streaming from the standby too (the
 //! usual way to keep backup load off a primary).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use walferry_tests::emulators::file_target;
 use walferry_tests::pg::PgCluster;
 use walferry_tests::restore::{
-    strings, time_moment, wait_durable, DataDump, RestoreRepo, RestoredCluster, Writer,
+    strings, time_moment, wait_durable, wait_until, DataDump, RestoreRepo, RestoredCluster, Writer,
     WRITER_SCHEMA,
 };
 
@@ -14,24 +14,12 @@ const DB: &str = "db";
 
 /// Waits until `standby` has replayed the primary's WAL up to `lsn`.
 fn wait_replayed(standby: &PgCluster, lsn: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = standby
-            .psql(
-                "postgres",
-                &format!("select pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"),
-            )
-            .unwrap();
-        if r == "t" {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the standby did not replay up to {lsn}:\n{}",
-            standby.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let sql = format!("select pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
+    wait_until(
+        &format!("the standby to replay up to {lsn}"),
+        Duration::from_secs(60),
+        || standby.psql("postgres", &sql).unwrap() == "t",
+    );
 }
 
 /// BASE_BACKUP on a standby while the primary takes writes, the agent streaming from the

@@ -21,6 +21,7 @@ use walferry_formats::{Lsn, Repository, SegmentNo, TimelineId, Units, WalFileNam
 use walferry_tests::emulators::file_target;
 use walferry_tests::faults::{FaultConfig, FaultyStore};
 use walferry_tests::pg::{self, PgCluster};
+use walferry_tests::restore::wait_until;
 
 use crate::replication::make_certs;
 use crate::streaming::{
@@ -59,14 +60,6 @@ async fn stored_end(repo: &Repository) -> (TimelineId, Lsn) {
         .rev()
         .find_map(|(tli, wal)| wal.end(SEG).map(|end| (*tli, end)))
         .expect("the repository holds no WAL")
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn segment_name(tli: TimelineId, segno: SegmentNo) -> String {
